@@ -1,0 +1,214 @@
+"""The federated continual loop, its `Config`, the CLI and the results file.
+
+    for task t = 0 .. T-1:                        (each client k trains on its own task t, METHOD §1.1)
+        for round r = 0 .. R-1:
+            every participating client k: Δ_k = client_update(θ, its task-t data)   (client.py)
+            θ ← aggregate(θ, {Δ_k}, {n_k})                                          (server.py)
+            log current-task accuracy
+        A[t, j] = accuracy of θ on task j of every client, pooled, for j <= t      (metrics.py)
+
+Run it:  python -m stamp_min.fcl_loop --help
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import UserError
+from .cli import check_writable, main, parse_config, run_info, write_json
+from .client import ClientState, client_update, float_state, load_state
+from .data import load_dataset, make_scenario
+from .metrics import current_task_accuracy, summary, tensor_bytes
+from .models import build_model
+from .server import aggregate, participants
+
+METHODS = ("fedavg",)
+
+
+@dataclass
+class Config:
+    """Heterogeneous federated continual learning on one machine (STAMP and baselines)."""
+    dataset: str = "digits"
+    """digits (offline, bundled with scikit-learn) | cifar10 | cifar100 | imagefolder"""
+    data_root: str = "data"
+    """folder of the dataset files (for imagefolder: the folder of class folders, or of train/ and val/)"""
+    download: bool = False
+    """download cifar10/cifar100 into data_root if missing (needs internet)"""
+    image_size: int = 32
+    """images are resized to this size (imagefolder only)"""
+    scenario: str = "permutation"
+    """permutation: each client its own random class order (heterogeneous) | dirichlet: shared order, label skew"""
+    num_clients: int = 5
+    """number of clients K"""
+    num_tasks: int = 0
+    """number of tasks T per client; 0 = as many as the classes allow (num_classes // classes_per_task)"""
+    classes_per_task: int = 2
+    """classes in each task (cpt); 2 = highly heterogeneous"""
+    alpha: float = 0.5
+    """Dirichlet concentration of the label split (scenario=dirichlet); smaller = more skewed"""
+    share_samples: bool = False
+    """give every client holding a class all its images (the authors' code) instead of a disjoint share"""
+    model: str = "cnn"
+    """backbone: cnn (2 conv layers) | resnet18 | swin_t"""
+    method: str = "fedavg"
+    """federated continual method"""
+    rounds_per_task: int = 5
+    """communication rounds R per task"""
+    local_epochs: int = 2
+    """local epochs per round on the current task"""
+    batch_size: int = 16
+    """local mini-batch size"""
+    lr: float = 0.1
+    """local SGD learning rate"""
+    momentum: float = 0.0
+    """local SGD momentum"""
+    participation: float = 1.0
+    """fraction of clients taking part in each round (at least one), drawn with the seed"""
+    seed: int = 0
+    """seed of the scenario, the initial model, the batches and the client sampling"""
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda"""
+    out: str = ""
+    """results JSON path; empty = results/<dataset>_<method>_seed<seed>.json; the PNG goes beside it"""
+    plot: bool = True
+    """write the accuracy-matrix PNG next to the JSON"""
+    quiet: bool = False
+    """print only the final summary"""
+
+    def validate(self):
+        if self.method not in METHODS:
+            raise UserError(f"method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
+        for name in ("num_clients", "classes_per_task", "rounds_per_task", "local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
+        if self.num_tasks < 0:
+            raise UserError(f"num_tasks={self.num_tasks} must be >= 0 (0 = as many as the classes allow)")
+        if not self.lr > 0:
+            raise UserError(f"lr={self.lr} must be positive; allowed: > 0")
+        if not 0 < self.participation <= 1:
+            raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"device={self.device!r} is unknown; allowed: auto, cpu, cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")
+
+    @property
+    def out_path(self):
+        return Path(self.out or f"results/{self.dataset}_{self.method}_seed{self.seed}.json")
+
+
+@torch.no_grad()
+def correct(model, x, y, batch_size=1024):
+    """Number of images of (x, y) the model classifies right (argmax over all classes)."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        hits += (logits.argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    return hits
+
+
+def task_accuracy(model, ds, scenario, t):
+    """Accuracy on task t of every client, pooled (each client's own classes for its task t)."""
+    idx = torch.cat([scenario.tasks[k][t].test_idx for k in range(scenario.num_clients)])
+    return correct(model, ds.x_test[idx], ds.y_test[idx]) / len(idx)
+
+
+def run(cfg):
+    """Run one experiment; returns the results as a dict (what the CLI writes to JSON)."""
+    cfg.validate()
+    say = (lambda *a: None) if cfg.quiet else print
+    start = time.perf_counter()
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches and client sampling
+
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
+                             cfg.alpha, cfg.share_samples, seed=cfg.seed)
+    T, K, R = scenario.num_tasks, scenario.num_clients, cfg.rounds_per_task
+    say(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images, {ds.num_classes} classes; "
+        f"{cfg.scenario} scenario, {K} clients x {T} tasks (class ids, training images):")
+    say(scenario.table())
+
+    model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, ds.mean, ds.std).to(device)
+    theta = float_state(model)                              # the global model θ
+    clients = [ClientState(k) for k in range(K)]
+    model_bytes = tensor_bytes(theta)
+    acc = torch.full((T, T), float("nan"), dtype=torch.float64)
+    round_acc, log, comm = [], [], 0
+    say(f"model {cfg.model}: {sum(v.numel() for v in theta.values()):,} numbers ({model_bytes / 1e6:.2f} MB); "
+        f"method {cfg.method}; device {device}")
+
+    for t in range(T):
+        round_acc.append([])
+        for r in range(R):
+            t0 = time.perf_counter()
+            ids = participants(K, cfg.participation, gen)
+            updates, weights, losses = [], [], []
+            for k in ids:
+                task = scenario.tasks[k][t]
+                x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
+                delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg, gen)
+                updates.append(delta)
+                weights.append(len(y))
+                losses.append(info["loss"])
+            theta = aggregate(theta, updates, weights, cfg)
+            comm += 2 * model_bytes * len(ids)              # θ down, Δ up, per participant
+            load_state(model, theta)
+            cur = task_accuracy(model, ds, scenario, t)
+            round_acc[t].append(cur)
+            log.append({"task": t, "round": r, "clients": ids, "loss": sum(losses) / len(losses),
+                        "current_task_acc": cur, "seconds": time.perf_counter() - t0})
+            say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {log[-1]['loss']:.3f} | current-task acc {cur:.3f} "
+                f"| {log[-1]['seconds']:.2f}s")
+        for j in range(t + 1):
+            acc[t, j] = task_accuracy(model, ds, scenario, j)
+        say(f"after task {t + 1}: accuracy on tasks 1..{t + 1} = " + " ".join(f"{a:.3f}" for a in acc[t, :t + 1].tolist()))
+
+    return {
+        "config": asdict(cfg),
+        "acc_matrix": acc.tolist(),
+        **summary(acc),
+        "current_task_accuracy": current_task_accuracy(round_acc),
+        "comm_bytes": comm,
+        "wall_time_s": time.perf_counter() - start,
+        "rounds": log,
+        "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
+        "versions": run_info(),
+    }
+
+
+def report(res):
+    """The accuracy matrix and the summary metrics as text."""
+    A = res["acc_matrix"]
+    lines = ["accuracy matrix A[t, j] (row: after task t, column: task j):"]
+    lines += ["  " + " ".join("  .  " if a != a else f"{a:.3f}" for a in row) for row in A]
+    lines.append(f"average accuracy {res['avg_accuracy']:.4f} | forgetting {res['avg_forgetting']:.4f} | "
+                 f"BWT {res['bwt']:.4f} | comm {res['comm_bytes'] / 1e6:.1f} MB | wall {res['wall_time_s']:.1f}s")
+    lines.append("current-task accuracy (best over each task's rounds; not a forgetting measure): "
+                 + " ".join(f"{a:.3f}" for a in res["current_task_accuracy"]))
+    return "\n".join(lines)
+
+
+def cli(argv=None):
+    cfg = parse_config(Config, argv)
+    cfg.validate()
+    out = cfg.out_path
+    check_writable(out)
+    res = run(cfg)
+    print(report(res))
+    write_json(out, res)
+    print(f"wrote {out}")
+    if cfg.plot:
+        from . import plots
+        png = out.with_name(out.stem + "_acc.png")
+        plots.save(plots.accuracy_matrix(res["acc_matrix"], title=f"{cfg.method} on {cfg.dataset}"), png)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main(cli)

@@ -1,0 +1,65 @@
+"""Continual-learning metrics and cost accounting (METHOD §1.6). Pure functions on arrays.
+
+The accuracy matrix A (T x T) holds A[t, j] = accuracy of the global model after training task t
+on the test data of task j (pooled over clients: each client's own classes for its task j).
+Entries with j > t (tasks not seen yet) are NaN and never used.
+
+    average accuracy  = mean_j A[T-1, j]                                  (after the last task)
+    forgetting        = mean_{j<T-1} ( max_{j<=t<T-1} A[t, j] - A[T-1, j] )
+    BWT               = mean_{j<T-1} ( A[T-1, j] - A[j, j] )              (backward transfer)
+
+With one task there is nothing to forget: forgetting and BWT are NaN (null in JSON).
+
+The authors' logs report *current-task accuracy*: for each task, the best accuracy on that
+task's own test data over the task's rounds. It says nothing about forgetting, so it is reported
+under that name, never as "accuracy".
+"""
+
+import math
+
+import torch
+
+
+def _matrix(acc):
+    A = torch.as_tensor(acc, dtype=torch.float64)
+    assert A.ndim == 2 and A.shape[0] == A.shape[1], f"accuracy matrix must be square, got {tuple(A.shape)}"
+    return A
+
+
+def average_accuracy(acc):
+    A = _matrix(acc)
+    return A[-1].mean().item()
+
+
+def forgetting(acc):
+    A = _matrix(acc)
+    T = A.shape[0]
+    if T < 2:
+        return math.nan
+    # best accuracy on task j before the last task, over the steps at which j had been seen
+    best = [A[j:T - 1, j].max() for j in range(T - 1)]
+    return torch.stack([b - A[T - 1, j] for j, b in enumerate(best)]).mean().item()
+
+
+def bwt(acc):
+    A = _matrix(acc)
+    T = A.shape[0]
+    if T < 2:
+        return math.nan
+    return (A[T - 1, :T - 1] - A.diagonal()[:T - 1]).mean().item()
+
+
+def current_task_accuracy(round_acc):
+    """round_acc[t] = list of current-task accuracies over task t's rounds -> best per task."""
+    return [max(r) for r in round_acc]
+
+
+def summary(acc):
+    return {"avg_accuracy": average_accuracy(acc), "avg_forgetting": forgetting(acc), "bwt": bwt(acc)}
+
+
+def tensor_bytes(tensors):
+    """Bytes of a collection of tensors (a dict's values or a list)."""
+    tensors = tensors.values() if isinstance(tensors, dict) else tensors
+    return sum(t.numel() * t.element_size() for t in tensors)
+
