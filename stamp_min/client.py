@@ -1,25 +1,51 @@
-"""A client: its explicit state and its local training (METHOD §1.3).
+"""A client: explicit state, local training, and temporal gradient matching (TAM, METHOD §1.3).
 
 One model object lives on the device and is shared by every client in turn: a client loads the
-global weights θ into it, trains on its own data, and returns its update Δ = θ_after − θ (a dict
-of tensors, the same keys as the model's state_dict, floating-point entries only). Whatever a
-client must remember between rounds lives in its `ClientState`, kept on the CPU.
+global weights θ into it, trains on its own data, and returns its update Δ = θ_k − θ (a dict of
+tensors, floating-point state entries only: weights and BatchNorm statistics). Whatever a
+client must remember between rounds lives in its `ClientState`, on the CPU.
 
-An update covers every floating-point entry of the state dict (weights and BatchNorm running
-statistics); integer entries (BatchNorm's batch counter) are not part of an update.
+TAM, round r of task t on client k (METHOD §1.3):
+
+    Δ_cur = local_train(θ, current-task data) − θ
+    Δ_j   = local_train(start, coreset M_j, MixStyle on) − θ        for each previous task j
+    θ_k   = θ + η_t · GM(Δ_0, …, Δ_{t−1}, Δ_cur)                  (client GM settings)
+
+start = θ by default [reading]; `clone_start="current"` starts from θ + Δ_cur and
+`replay="full"` replays all old-task data, as the authors' code does [code]. For task 0 there is
+nothing to match: the update is η_t·Δ_cur (GM of one vector would only rescale it by
+(1+c)/(1+c²)). The coreset is refreshed at the end of each task (`end_task`), from the final
+global model. Old tasks are keyed by their class set, so a recurring task is the current task.
 """
 
+import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from . import baselines, gradmatch
+from .coreset import Buffer, MixStyle, mixstyle, task_key
+from .server import agreement
+
+TAM_METHODS = ("stamp", "stamp_tam")
+BUFFER_RULE = {"stamp": None, "stamp_tam": None, "replay": "random", "agem": "random"}  # None: cfg.coreset_rule
 
 
 @dataclass
 class ClientState:
     """What client k keeps between rounds (on the CPU)."""
     client_id: int
-    seen: list = field(default_factory=list)    # class sets (tuples) of the tasks trained so far
+    seen: list = field(default_factory=list)    # class sets (sorted tuples) of the tasks trained so far
+    buffer: Buffer = None                       # coreset / replay buffer, for the methods that have one
+    extra: dict = field(default_factory=dict)   # baseline state: EWC Fisher + anchor, LwF old model, full replay data
+
+
+def new_state(k, cfg):
+    rule = BUFFER_RULE.get(cfg.method, "none")
+    buffer = None if rule == "none" else Buffer(cfg.buffer_per_class, rule or cfg.coreset_rule, seed=cfg.seed + k)
+    return ClientState(k, buffer=buffer)
 
 
 def float_state(model):
@@ -37,39 +63,134 @@ def load_state(model, state):
 
 def batches(n, batch_size, generator):
     """Index tensors of a fresh random permutation of range(n), `batch_size` at a time."""
-    perm = torch.randperm(n, generator=generator)
-    return perm.split(batch_size)
+    return torch.randperm(n, generator=generator).split(batch_size)
 
 
-def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, weight_decay=0.0):
-    """Plain SGD with cross-entropy on (x, y), in place on `model`. Returns the mean loss.
+def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, extra_losses=(), after_backward=None):
+    """SGD with cross-entropy on (x, y), in place on `model`. Returns the mean loss.
 
-    x: (n, C, H, W) images (uint8 or float), y: (n,) labels; both may live on the CPU, batches
-    are moved to the model's device.
+    extra_losses: functions (model, z, logits, xb, yb) -> scalar added to the loss (baselines,
+    ProtoNet); after_backward(model) may edit the gradients before the step (A-GEM).
+    x: (n, C, H, W) images, y: (n,) labels; batches are moved to the model's device.
     """
     device = next(model.parameters()).device
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for idx in batches(len(y), batch_size, generator):
             xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-            loss = F.cross_entropy(model(xb), yb)
+            z = model.features(xb)                      # (B, D)
+            logits = model.head(z)                      # (B, num_classes)
+            loss = F.cross_entropy(logits, yb)
+            for extra in extra_losses:
+                loss = loss + extra(model, z, logits, xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward(model)
             opt.step()
             total, count = total + loss.item() * len(idx), count + len(idx)
     return total / max(count, 1)
 
 
-def client_update(model, global_state, state, x, y, classes, cfg, generator):
+def protonet_loss(weight):
+    """ProtoNet loss [code], for any number of classes per batch: each class with >= 2 images is
+    split in half, support prototypes p_c, and every query is classified by softmax(−||z_q − p_c||²)
+    over those classes. Classes with one image and batches with < 2 such classes add nothing."""
+    def extra(model, z, logits, xb, yb):
+        protos, queries, targets = [], [], []
+        for c in yb.unique():
+            zc = z[yb == c]
+            if len(zc) < 2:
+                continue
+            half = len(zc) // 2
+            protos.append(zc[:half].mean(0))
+            queries.append(zc[half:])
+            targets.append(torch.full((len(zc) - half,), len(protos) - 1, device=z.device))
+        if len(protos) < 2:
+            return z.sum() * 0.0
+        dist = torch.cdist(torch.cat(queries), torch.stack(protos)) ** 2   # (Q, classes)
+        return weight * F.cross_entropy(-dist, torch.cat(targets))
+    return extra
+
+
+def train_from(model, start, theta, x, y, cfg, generator, **hooks):
+    """Load `start`, train on (x, y); return (θ_after − θ, mean loss)."""
+    load_state(model, start)
+    loss = local_train(model, x, y, cfg.local_epochs, cfg.batch_size, cfg.lr, generator, cfg.momentum, **hooks)
+    after = float_state(model)
+    return {n: after[n] - theta[n] for n in theta}, loss
+
+
+def old_tasks(state, cfg, current):
+    """(x, y) of every previous task but the current one: the coreset, or all data (replay='full')."""
+    memory = state.extra.get("full", {}).items() if cfg.replay == "full" else ((k, (x, y)) for k, x, y in state.buffer)
+    return [(k, x, y) for k, (x, y) in memory if k != current]
+
+
+def tam_update(model, theta, state, x, y, key, cfg, generator, extras):
+    d_cur, loss = train_from(model, theta, theta, x, y, cfg, generator, extra_losses=extras)
+    old = old_tasks(state, cfg, key)
+    if not old:
+        return {n: cfg.eta_t * d for n, d in d_cur.items()}, {"loss": loss}
+    start = theta if cfg.clone_start == "global" else {n: theta[n] + d_cur[n] for n in theta}
+    deltas = []
+    for _, xm, ym in old:
+        with mixstyle(model, MixStyle(p=0.5, alpha=0.1, generator=generator)) if cfg.mixstyle else nullcontext():
+            deltas.append(train_from(model, start, theta, xm, ym, cfg, generator, extra_losses=extras)[0])
+    deltas.append(d_cur)                                                  # Δ_0 … Δ_{t−1}, Δ_cur
+    G = gradmatch.gram(deltas)
+    matched = gradmatch.match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
+                              **gradmatch.CLIENT)
+    info = {"loss": loss, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
+            "temporal_agreement": agreement(deltas, matched)}
+    return {n: cfg.eta_t * d for n, d in matched.items()}, info
+
+
+def client_update(model, theta, state, x, y, classes, cfg, generator):
     """One round of client k on its current task (data x, y of classes `classes`).
 
-    Returns (update Δ: {name: tensor}, info: dict). FedAvg: Δ = local_train(θ) − θ.
+    Returns (update Δ = θ_k − θ: {name: tensor}, info: dict with at least "loss").
     """
-    load_state(model, global_state)
-    loss = local_train(model, x, y, cfg.local_epochs, cfg.batch_size, cfg.lr, generator, cfg.momentum)
-    after = float_state(model)
-    if tuple(classes) not in state.seen:
-        state.seen.append(tuple(classes))
-    return {k: after[k] - global_state[k] for k in after}, {"loss": loss}
+    key = task_key(classes)
+    if key not in state.seen:
+        state.seen.append(key)
+    device = next(model.parameters()).device
+    extras = [protonet_loss(cfg.protonet_weight)] if cfg.protonet_weight > 0 else []
+    if cfg.method in TAM_METHODS:
+        return tam_update(model, theta, state, x, y, key, cfg, generator, extras)
+    hooks = {}
+    if cfg.method == "fedprox":
+        extras.append(baselines.fedprox_loss(theta, cfg.mu))
+    elif cfg.method == "ewc" and "ewc_fisher" in state.extra:
+        extras.append(baselines.ewc_loss(state.extra, cfg.ewc_lambda, device))
+    elif cfg.method == "lwf" and "lwf_old" in state.extra:
+        old_model = copy.deepcopy(model)
+        load_state(old_model, {n: v.to(device) for n, v in state.extra["lwf_old"].items()})
+        old_classes = {c for k in state.seen if k != key for c in k}
+        distil = baselines.lwf_loss(old_model.eval(), old_classes, cfg.lwf_alpha, cfg.lwf_temperature)
+        extras += [distil] if distil is not None else []
+    elif cfg.method == "replay" and len(state.buffer):
+        x = torch.cat([x] + [xm for _, xm, _ in state.buffer])
+        y = torch.cat([y] + [ym for _, _, ym in state.buffer])
+    elif cfg.method == "agem" and len(state.buffer):
+        bx = torch.cat([xm for _, xm, _ in state.buffer])
+        by = torch.cat([ym for _, _, ym in state.buffer])
+        hooks["after_backward"] = baselines.agem_hook(bx, by, cfg.batch_size, generator)
+    delta, loss = train_from(model, theta, theta, x, y, cfg, generator, extra_losses=extras, **hooks)
+    return delta, {"loss": loss}
+
+
+def end_task(model, theta, state, x, y, classes, cfg):
+    """End of a task, with the final global model θ: refresh the client's memory."""
+    load_state(model, theta)
+    key = task_key(classes)
+    if state.buffer is not None and not (cfg.method in TAM_METHODS and cfg.replay == "full"):
+        state.buffer.add_task(model, x, y, classes)
+    if cfg.method in TAM_METHODS and cfg.replay == "full":
+        state.extra.setdefault("full", {})[key] = (x.clone(), y.clone())
+    if cfg.method == "ewc":
+        baselines.ewc_update_state(model, x, y, state.extra)
+    if cfg.method == "lwf":
+        state.extra["lwf_old"] = {n: v.cpu().clone() for n, v in theta.items()}

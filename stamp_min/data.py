@@ -139,6 +139,14 @@ def load_dataset(name, root="data", download=False, image_size=32):
     return Dataset(name, x, y, x_te, y_te, k, mean, std)
 
 
+def validation_split(ds, fraction=0.2, seed=1):
+    """A copy of `ds` whose test split is a stratified `fraction` of its training images (for
+    tuning hyper-parameters without ever looking at the test split)."""
+    tr, va = _holdout(ds.y_train, fraction, seed)
+    return Dataset(ds.name + "-val", ds.x_train[tr], ds.y_train[tr], ds.x_train[va], ds.y_train[va],
+                   ds.num_classes, ds.mean, ds.std)
+
+
 # ----------------------------------------------------------------------------------------------
 # scenarios
 

@@ -2,10 +2,14 @@
 
     for task t = 0 .. T-1:                        (each client k trains on its own task t, METHOD §1.1)
         for round r = 0 .. R-1:
-            every participating client k: Δ_k = client_update(θ, its task-t data)   (client.py)
-            θ ← aggregate(θ, {Δ_k}, {n_k})                                          (server.py)
-            log current-task accuracy
+            every participating client k: Δ_k = client_update(θ, its task-t data)   (client.py: TAM)
+            θ ← aggregate(θ, {Δ_k}, {n_k})                                          (server.py: SAM)
+            log current-task accuracy and the conflict between updates
+        every client: end_task (refresh its coreset / baseline state)             (client.py)
         A[t, j] = accuracy of θ on task j of every client, pooled, for j <= t      (metrics.py)
+
+Methods: fedavg fedprox ewc lwf replay agem (baselines.py, FedAvg server); stamp = TAM + SAM;
+stamp_tam = TAM with a FedAvg server; stamp_sam = plain clients with the SAM server.
 
 Run it:  python -m stamp_min.fcl_loop --help
 """
@@ -18,13 +22,17 @@ import torch
 
 from . import UserError
 from .cli import check_writable, main, parse_config, run_info, write_json
-from .client import ClientState, client_update, float_state, load_state
-from .data import load_dataset, make_scenario
+from . import gradmatch
+from .client import client_update, end_task, float_state, load_state, new_state
+from .coreset import SELECTORS
+from .data import load_dataset, make_scenario, validation_split
 from .metrics import current_task_accuracy, summary, tensor_bytes
 from .models import build_model
-from .server import aggregate, participants
+from .server import aggregate, agreement, participants
 
-METHODS = ("fedavg",)
+METHODS = ("fedavg", "fedprox", "ewc", "lwf", "replay", "agem", "stamp", "stamp_tam", "stamp_sam")
+CHOICES = {"method": METHODS, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
+           "clone_start": ("global", "current"), "replay": ("coreset", "full")}
 
 
 @dataclass
@@ -66,6 +74,38 @@ class Config:
     """local SGD momentum"""
     participation: float = 1.0
     """fraction of clients taking part in each round (at least one), drawn with the seed"""
+    buffer_per_class: int = 10
+    """coreset / replay buffer: images kept per class (stamp, stamp_tam, replay, agem)"""
+    coreset_rule: str = "prototypical"
+    """how STAMP's coreset picks images: prototypical (herding) | random | nearest"""
+    mixstyle: bool = True
+    """MixStyle on while replaying the coreset in TAM"""
+    gm_c: float = 0.25
+    """GM searching radius c (0 = plain mean)"""
+    gm_solver: str = "exact"
+    """GM simplex solver: exact | sgd (the authors') | adam"""
+    gm_normalize: bool = False
+    """rescale every update to the mean norm before GM"""
+    eta_t: float = 1.0
+    """client step η_t on the matched task update (the authors' code: 2)"""
+    eta_s: float = 1.0
+    """server step η_s on the matched client update"""
+    clone_start: str = "global"
+    """old-task updates in TAM start from the received model (global) or after current-task training (current, the authors' code)"""
+    replay: str = "coreset"
+    """TAM replays the coreset, or all old-task data (full, the authors' code)"""
+    protonet_weight: float = 0.0
+    """weight of the optional ProtoNet loss in local training (0 = off)"""
+    mu: float = 0.01
+    """FedProx proximal weight μ"""
+    ewc_lambda: float = 100.0
+    """EWC penalty weight λ"""
+    lwf_alpha: float = 1.0
+    """LwF distillation weight"""
+    lwf_temperature: float = 2.0
+    """LwF distillation temperature"""
+    validation: bool = False
+    """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
     seed: int = 0
     """seed of the scenario, the initial model, the batches and the client sampling"""
     device: str = "auto"
@@ -78,15 +118,21 @@ class Config:
     """print only the final summary"""
 
     def validate(self):
-        if self.method not in METHODS:
-            raise UserError(f"method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
-        for name in ("num_clients", "classes_per_task", "rounds_per_task", "local_epochs", "batch_size"):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}")
+        for name in ("num_clients", "classes_per_task", "rounds_per_task", "local_epochs", "batch_size",
+                     "buffer_per_class"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
         if self.num_tasks < 0:
             raise UserError(f"num_tasks={self.num_tasks} must be >= 0 (0 = as many as the classes allow)")
-        if not self.lr > 0:
-            raise UserError(f"lr={self.lr} must be positive; allowed: > 0")
+        for name in ("lr", "eta_t", "eta_s"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: > 0")
+        for name in ("gm_c", "mu", "ewc_lambda", "lwf_alpha", "protonet_weight", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name}={getattr(self, name)} must be non-negative; allowed: >= 0")
         if not 0 < self.participation <= 1:
             raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -97,6 +143,17 @@ class Config:
     @property
     def out_path(self):
         return Path(self.out or f"results/{self.dataset}_{self.method}_seed{self.seed}.json")
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def client_memory_bytes(state):
+    """Bytes of the images and labels a client keeps for old tasks (coreset, or full replay data)."""
+    full = state.extra.get("full", {}).values()
+    return (state.buffer.nbytes if state.buffer is not None else 0) + sum(tensor_bytes(xy) for xy in full)
 
 
 @torch.no_grad()
@@ -127,6 +184,8 @@ def run(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)  # batches and client sampling
 
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    if cfg.validation:
+        ds = validation_split(ds)     # tune on held-out training images; the test split is never seen
     scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
                              cfg.alpha, cfg.share_samples, seed=cfg.seed)
     T, K, R = scenario.num_tasks, scenario.num_clients, cfg.rounds_per_task
@@ -136,7 +195,7 @@ def run(cfg):
 
     model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, ds.mean, ds.std).to(device)
     theta = float_state(model)                              # the global model θ
-    clients = [ClientState(k) for k in range(K)]
+    clients = [new_state(k, cfg) for k in range(K)]
     model_bytes = tensor_bytes(theta)
     acc = torch.full((T, T), float("nan"), dtype=torch.float64)
     round_acc, log, comm = [], [], 0
@@ -148,23 +207,32 @@ def run(cfg):
         for r in range(R):
             t0 = time.perf_counter()
             ids = participants(K, cfg.participation, gen)
-            updates, weights, losses = [], [], []
+            updates, weights, infos = [], [], []
             for k in ids:
                 task = scenario.tasks[k][t]
                 x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
                 delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg, gen)
                 updates.append(delta)
                 weights.append(len(y))
-                losses.append(info["loss"])
-            theta = aggregate(theta, updates, weights, cfg)
+                infos.append(info)
+            theta, step = aggregate(theta, updates, weights, cfg)
             comm += 2 * model_bytes * len(ids)              # θ down, Δ up, per participant
             load_state(model, theta)
             cur = task_accuracy(model, ds, scenario, t)
             round_acc[t].append(cur)
-            log.append({"task": t, "round": r, "clients": ids, "loss": sum(losses) / len(losses),
-                        "current_task_acc": cur, "seconds": time.perf_counter() - t0})
+            log.append({"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
+                        "current_task_acc": cur, "seconds": time.perf_counter() - t0,
+                        # conflict: between client updates, and between each update and the server step
+                        "spatial_cos": gradmatch.mean_pairwise_cosine(gradmatch.gram(updates)),
+                        "spatial_agreement": agreement(updates, step),
+                        # between a client's task updates, and between each and its matched update (TAM)
+                        "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
+                        "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)})
             say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {log[-1]['loss']:.3f} | current-task acc {cur:.3f} "
-                f"| {log[-1]['seconds']:.2f}s")
+                f"| spatial cos {log[-1]['spatial_cos']:+.2f} | {log[-1]['seconds']:.2f}s")
+        for k in range(K):
+            task = scenario.tasks[k][t]
+            end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
         for j in range(t + 1):
             acc[t, j] = task_accuracy(model, ds, scenario, j)
         say(f"after task {t + 1}: accuracy on tasks 1..{t + 1} = " + " ".join(f"{a:.3f}" for a in acc[t, :t + 1].tolist()))
@@ -175,6 +243,7 @@ def run(cfg):
         **summary(acc),
         "current_task_accuracy": current_task_accuracy(round_acc),
         "comm_bytes": comm,
+        "buffer_bytes": sum(client_memory_bytes(c) for c in clients),
         "wall_time_s": time.perf_counter() - start,
         "rounds": log,
         "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
@@ -188,7 +257,8 @@ def report(res):
     lines = ["accuracy matrix A[t, j] (row: after task t, column: task j):"]
     lines += ["  " + " ".join("  .  " if a != a else f"{a:.3f}" for a in row) for row in A]
     lines.append(f"average accuracy {res['avg_accuracy']:.4f} | forgetting {res['avg_forgetting']:.4f} | "
-                 f"BWT {res['bwt']:.4f} | comm {res['comm_bytes'] / 1e6:.1f} MB | wall {res['wall_time_s']:.1f}s")
+                 f"BWT {res['bwt']:.4f} | comm {res['comm_bytes'] / 1e6:.1f} MB | buffers {res['buffer_bytes'] / 1e3:.1f} kB "
+                 f"| wall {res['wall_time_s']:.1f}s")
     lines.append("current-task accuracy (best over each task's rounds; not a forgetting measure): "
                  + " ".join(f"{a:.3f}" for a in res["current_task_accuracy"]))
     return "\n".join(lines)

@@ -1,15 +1,21 @@
-"""The server: aggregation of client updates (METHOD §1.4).
+"""The server: aggregation of client updates, FedAvg or spatial gradient matching (SAM, METHOD §1.4).
 
 Round r: the participating clients send updates Δ_k = θ_k − θ; the server moves the global
 model θ ← θ + step, where
 
-    FedAvg:  step = Σ_k n_k Δ_k / Σ_k n_k          (sample-size-weighted mean)
+    FedAvg:  step = Σ_k n_k Δ_k / Σ_k n_k                (sample-size-weighted mean)
+    SAM:     step = η_s · GM(Δ_1, …, Δ_K)                (server GM settings, METHOD §1.2)
 
-Communication per round is the full model down and up for each participating client, nothing
-else.
+GM treats clients alike (no sample weights), as in the paper. With one participant there is
+nothing to match and SAM passes its update through (scaled by η_s). Communication per round is
+the full model down and up for each participating client, nothing else, for both rules.
 """
 
 import torch
+
+from . import gradmatch
+
+SAM_METHODS = ("stamp", "stamp_sam")
 
 
 def weighted_mean(updates, weights):
@@ -19,10 +25,33 @@ def weighted_mean(updates, weights):
     return {name: sum(wk * u[name] for wk, u in zip(w, updates)) for name in updates[0]}
 
 
-def aggregate(global_state, updates, weights, cfg):
-    """New global state {name: tensor} from the clients' updates and sample counts."""
-    step = weighted_mean(updates, weights)
-    return {name: global_state[name] + step[name] for name in global_state}
+def aggregate(theta, updates, weights, cfg):
+    """(new global state, the step taken) from the clients' updates and sample counts."""
+    if cfg.method in SAM_METHODS and len(updates) > 1:
+        matched = gradmatch.match(updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize,
+                                  **gradmatch.SERVER)
+        step = {name: cfg.eta_s * v for name, v in matched.items()}
+    elif cfg.method in SAM_METHODS:
+        step = {name: cfg.eta_s * v for name, v in updates[0].items()}
+    else:
+        step = weighted_mean(updates, weights)
+    return {name: theta[name] + step[name] for name in theta}, step
+
+
+def agreement(updates, step):
+    """Mean cosine between each update and `step` (how well one combined direction serves each)."""
+    dots = torch.zeros(len(updates), dtype=torch.float64)
+    norms = torch.zeros(len(updates), dtype=torch.float64)
+    step_norm = 0.0
+    for name, s in step.items():
+        s = s.double().flatten()
+        step_norm += s.dot(s).item()
+        for i, u in enumerate(updates):
+            u = u[name].double().flatten()
+            dots[i] += u.dot(s).item()
+            norms[i] += u.dot(u).item()
+    cos = dots / (norms.sqrt() * step_norm ** 0.5).clamp_min(1e-30)
+    return cos.mean().item()
 
 
 def participants(num_clients, fraction, generator):
