@@ -33,8 +33,13 @@ BUDGET = dict(dataset="digits", num_clients=5, rounds_per_task=5, local_epochs=2
 def one(cfg):
     import torch
     torch.set_num_threads(1)
+    from stamp_min import UserError
     from stamp_min.fcl_loop import run
-    r = run(cfg)
+    try:
+        r = run(cfg)
+    except UserError as e:      # diverged at this lr: it is simply not chosen
+        print(f"{cfg.method} lr={cfg.lr} seed={cfg.seed}: {e}", flush=True)
+        return None
     return {k: r[k] for k in ("avg_accuracy", "avg_forgetting", "bwt", "wall_time_s", "comm_bytes", "buffer_bytes",
                               "current_task_accuracy")}
 
@@ -64,7 +69,8 @@ def main():
                     cfg = Config(**BUDGET, **kw, method=m, lr=lr, seed=0, validation=True)
                     jobs[("val", s, m, lr)] = pool.submit(one, cfg)
         val = {key: f.result() for key, f in jobs.items()}
-        best = {(s, m): max(grid, key=lambda lr: val[("val", s, m, lr)]["avg_accuracy"]) for s in SETTINGS for m in methods}
+        score = lambda r: -1.0 if r is None else r["avg_accuracy"]   # noqa: E731
+        best = {(s, m): max(grid, key=lambda lr: score(val[("val", s, m, lr)])) for s in SETTINGS for m in methods}
         print(f"tuned in {time.perf_counter() - start:.0f}s: " + ", ".join(f"{m}@{s[:1]}cpt lr={lr}" for (s, m), lr in best.items()), flush=True)
         test_jobs = {(s, m, seed): pool.submit(one, Config(**BUDGET, **SETTINGS[s], method=m, lr=best[s, m], seed=seed))
                      for s in SETTINGS for m in methods for seed in range(a.seeds)}
@@ -78,7 +84,10 @@ def main():
                   "| method | lr | avg accuracy | forgetting | BWT | wall s | × FedAvg time | comm MB | buffer kB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
-            rs = [test[s, m, i] for i in range(a.seeds)]
+            rs = [r for r in (test[s, m, i] for i in range(a.seeds)) if r is not None]
+            if len(rs) < a.seeds:
+                lines.append(f"| {m} | {best[s, m]} | diverged on {a.seeds - len(rs)} of {a.seeds} seeds | | | | | | |")
+                continue
             wall = statistics.mean(r["wall_time_s"] for r in rs)
             ratio = f"{wall / fedavg_time:.2f}" if fedavg_time else "–"
             lines.append(f"| {m} | {best[s, m]} | {fmt([r['avg_accuracy'] for r in rs])} | "

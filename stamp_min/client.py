@@ -66,25 +66,32 @@ def batches(n, batch_size, generator):
     return torch.randperm(n, generator=generator).split(batch_size)
 
 
-def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, extra_losses=(), after_backward=None):
+def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, extra_losses=(), after_backward=None,
+                amp=False):
     """SGD with cross-entropy on (x, y), in place on `model`. Returns the mean loss.
 
     extra_losses: functions (model, z, logits, xb, yb) -> scalar added to the loss (baselines,
     ProtoNet); after_backward(model) may edit the gradients before the step (A-GEM).
-    x: (n, C, H, W) images, y: (n,) labels; batches are moved to the model's device.
+    x: (n, C, H, W) images, y: (n,) labels; batches are moved to the model's device (through
+    pinned memory when the data live on the CPU and the model on a GPU). amp: bf16 autocast.
     """
     device = next(model.parameters()).device
+    pin = device.type == "cuda" and x.device.type == "cpu"
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for idx in batches(len(y), batch_size, generator):
-            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-            z = model.features(xb)                      # (B, D)
-            logits = model.head(z)                      # (B, num_classes)
-            loss = F.cross_entropy(logits, yb)
-            for extra in extra_losses:
-                loss = loss + extra(model, z, logits, xb, yb)
+            xb, yb = x[idx], y[idx]
+            if pin:
+                xb, yb = xb.pin_memory(), yb.pin_memory()
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                z = model.features(xb)                  # (B, D)
+                logits = model.head(z)                  # (B, num_classes)
+                loss = F.cross_entropy(logits.float(), yb)
+                for extra in extra_losses:
+                    loss = loss + extra(model, z, logits, xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
@@ -118,7 +125,8 @@ def protonet_loss(weight):
 def train_from(model, start, theta, x, y, cfg, generator, **hooks):
     """Load `start`, train on (x, y); return (θ_after − θ, mean loss)."""
     load_state(model, start)
-    loss = local_train(model, x, y, cfg.local_epochs, cfg.batch_size, cfg.lr, generator, cfg.momentum, **hooks)
+    loss = local_train(model, x, y, cfg.local_epochs, cfg.batch_size, cfg.lr, generator, cfg.momentum,
+                       amp=cfg.amp == "bf16", **hooks)
     after = float_state(model)
     return {n: after[n] - theta[n] for n in theta}, loss
 
@@ -189,7 +197,7 @@ def end_task(model, theta, state, x, y, classes, cfg):
     if state.buffer is not None and not (cfg.method in TAM_METHODS and cfg.replay == "full"):
         state.buffer.add_task(model, x, y, classes)
     if cfg.method in TAM_METHODS and cfg.replay == "full":
-        state.extra.setdefault("full", {})[key] = (x.clone(), y.clone())
+        state.extra.setdefault("full", {})[key] = (x.cpu().clone(), y.cpu().clone())
     if cfg.method == "ewc":
         baselines.ewc_update_state(model, x, y, state.extra)
     if cfg.method == "lwf":

@@ -147,6 +147,16 @@ def validation_split(ds, fraction=0.2, seed=1):
                    ds.num_classes, ds.mean, ds.std)
 
 
+def to_device_if_small(ds, device, limit_bytes=2 * 2**30):
+    """Move the whole dataset to `device` once when it fits in `limit_bytes` (batches are then
+    gathered on the device, with no host-to-device copy per batch)."""
+    size = sum(t.nbytes for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
+    if size > limit_bytes:
+        return ds
+    return Dataset(ds.name, ds.x_train.to(device), ds.y_train.to(device), ds.x_test.to(device),
+                   ds.y_test.to(device), ds.num_classes, ds.mean, ds.std)
+
+
 # ----------------------------------------------------------------------------------------------
 # scenarios
 

@@ -22,17 +22,17 @@ import torch
 
 from . import UserError
 from .cli import check_writable, main, parse_config, run_info, write_json
-from . import gradmatch
+from . import checkpoint, gradmatch
 from .client import client_update, end_task, float_state, load_state, new_state
 from .coreset import SELECTORS
-from .data import load_dataset, make_scenario, validation_split
+from .data import load_dataset, make_scenario, to_device_if_small, validation_split
 from .metrics import current_task_accuracy, summary, tensor_bytes
 from .models import build_model
 from .server import aggregate, agreement, participants
 
 METHODS = ("fedavg", "fedprox", "ewc", "lwf", "replay", "agem", "stamp", "stamp_tam", "stamp_sam")
 CHOICES = {"method": METHODS, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
-           "clone_start": ("global", "current"), "replay": ("coreset", "full")}
+           "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16")}
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Config:
     """weight of the optional ProtoNet loss in local training (0 = off)"""
     mu: float = 0.01
     """FedProx proximal weight μ"""
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = 10.0
     """EWC penalty weight λ"""
     lwf_alpha: float = 1.0
     """LwF distillation weight"""
@@ -106,6 +106,14 @@ class Config:
     """LwF distillation temperature"""
     validation: bool = False
     """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
+    checkpoint_dir: str = ""
+    """save everything needed to continue into this folder after every round (empty = no checkpoints)"""
+    resume: bool = False
+    """continue the run saved in checkpoint_dir (same settings required)"""
+    amp: str = "off"
+    """mixed precision for local training: off | bf16 (autocast; meant for GPUs)"""
+    channels_last: bool = False
+    """channels-last memory format for convolutional models (GPU speed-up)"""
     seed: int = 0
     """seed of the scenario, the initial model, the batches and the client sampling"""
     device: str = "auto"
@@ -137,6 +145,8 @@ class Config:
             raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device={self.device!r} is unknown; allowed: auto, cpu, cuda")
+        if self.resume and not self.checkpoint_dir:
+            raise UserError("resume=True needs checkpoint_dir; allowed: --checkpoint-dir DIR --resume true")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")
 
@@ -164,7 +174,7 @@ def correct(model, x, y, batch_size=1024):
     hits = 0
     for i in range(0, len(y), batch_size):
         logits = model(x[i:i + batch_size].to(device))
-        hits += (logits.argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+        hits += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
     return hits
 
 
@@ -181,7 +191,7 @@ def run(cfg):
     start = time.perf_counter()
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)  # batches and client sampling
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches, client sampling, MixStyle
 
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
     if cfg.validation:
@@ -194,58 +204,79 @@ def run(cfg):
     say(scenario.table())
 
     model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, ds.mean, ds.std).to(device)
-    theta = float_state(model)                              # the global model θ
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        ds = to_device_if_small(ds, device)
+        torch.cuda.reset_peak_memory_stats(device)
+    # everything that changes from round to round, in one place, so that it can be checkpointed
+    st = {"t": 0, "r": 0, "theta": float_state(model), "acc": torch.full((T, T), float("nan"), dtype=torch.float64),
+          "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
     clients = [new_state(k, cfg) for k in range(K)]
-    model_bytes = tensor_bytes(theta)
-    acc = torch.full((T, T), float("nan"), dtype=torch.float64)
-    round_acc, log, comm = [], [], 0
-    say(f"model {cfg.model}: {sum(v.numel() for v in theta.values()):,} numbers ({model_bytes / 1e6:.2f} MB); "
+    if cfg.resume:
+        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen)
+        st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
+        say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
+    model_bytes = tensor_bytes(st["theta"])
+    say(f"model {cfg.model}: {sum(v.numel() for v in st['theta'].values()):,} numbers ({model_bytes / 1e6:.2f} MB); "
         f"method {cfg.method}; device {device}")
 
-    for t in range(T):
-        round_acc.append([])
-        for r in range(R):
-            t0 = time.perf_counter()
-            ids = participants(K, cfg.participation, gen)
-            updates, weights, infos = [], [], []
-            for k in ids:
-                task = scenario.tasks[k][t]
-                x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
-                delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg, gen)
-                updates.append(delta)
-                weights.append(len(y))
-                infos.append(info)
-            theta, step = aggregate(theta, updates, weights, cfg)
-            comm += 2 * model_bytes * len(ids)              # θ down, Δ up, per participant
-            load_state(model, theta)
-            cur = task_accuracy(model, ds, scenario, t)
-            round_acc[t].append(cur)
-            log.append({"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
-                        "current_task_acc": cur, "seconds": time.perf_counter() - t0,
-                        # conflict: between client updates, and between each update and the server step
-                        "spatial_cos": gradmatch.mean_pairwise_cosine(gradmatch.gram(updates)),
-                        "spatial_agreement": agreement(updates, step),
-                        # between a client's task updates, and between each and its matched update (TAM)
-                        "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
-                        "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)})
-            say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {log[-1]['loss']:.3f} | current-task acc {cur:.3f} "
-                f"| spatial cos {log[-1]['spatial_cos']:+.2f} | {log[-1]['seconds']:.2f}s")
-        for k in range(K):
+    while st["t"] < T:
+        t, r, theta = st["t"], st["r"], st["theta"]
+        t0 = time.perf_counter()
+        ids = participants(K, cfg.participation, gen)
+        updates, weights, infos = [], [], []
+        for k in ids:
             task = scenario.tasks[k][t]
-            end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
-        for j in range(t + 1):
-            acc[t, j] = task_accuracy(model, ds, scenario, j)
-        say(f"after task {t + 1}: accuracy on tasks 1..{t + 1} = " + " ".join(f"{a:.3f}" for a in acc[t, :t + 1].tolist()))
+            x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
+            delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg, gen)
+            updates.append(delta)
+            weights.append(len(y))
+            infos.append(info)
+        try:
+            G = gradmatch.gram(updates)                     # (K, K): conflict diagnostics, and SAM's Gram matrix
+        except ValueError:
+            raise UserError(f"lr={cfg.lr}: method={cfg.method} diverged at task {t + 1} round {r + 1} (an update "
+                            f"holds NaN/inf); allowed: a smaller lr or a weaker regulariser") from None
+        theta, step = aggregate(theta, updates, weights, cfg, G=G)
+        st["theta"], st["comm"] = theta, st["comm"] + 2 * model_bytes * len(ids)   # θ down, Δ up, per participant
+        load_state(model, theta)
+        cur = task_accuracy(model, ds, scenario, t)
+        st["round_acc"][t].append(cur)
+        st["log"].append({"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
+                          "current_task_acc": cur, "seconds": time.perf_counter() - t0,
+                          # conflict: between client updates, and between each update and the server step
+                          "spatial_cos": gradmatch.mean_pairwise_cosine(G),
+                          "spatial_agreement": agreement(updates, step),
+                          # between a client's task updates, and between each and its matched update (TAM)
+                          "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
+                          "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)})
+        say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {st['log'][-1]['loss']:.3f} | current-task acc {cur:.3f} "
+            f"| spatial cos {st['log'][-1]['spatial_cos']:+.2f} | {st['log'][-1]['seconds']:.2f}s")
+        st["r"] += 1
+        if st["r"] == R:                                    # end of task t
+            for k in range(K):
+                task = scenario.tasks[k][t]
+                end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
+            for j in range(t + 1):
+                st["acc"][t, j] = task_accuracy(model, ds, scenario, j)
+            say(f"after task {t + 1}: accuracy on tasks 1..{t + 1} = " + " ".join(f"{a:.3f}" for a in st["acc"][t, :t + 1].tolist()))
+            st["t"], st["r"] = t + 1, 0
+        if cfg.checkpoint_dir:
+            checkpoint.save(cfg.checkpoint_dir, asdict(cfg),
+                            {**st, "elapsed": st["elapsed"] + time.perf_counter() - start}, clients, gen)
 
+    acc = st["acc"]
     return {
         "config": asdict(cfg),
         "acc_matrix": acc.tolist(),
         **summary(acc),
-        "current_task_accuracy": current_task_accuracy(round_acc),
-        "comm_bytes": comm,
+        "current_task_accuracy": current_task_accuracy(st["round_acc"]),
+        "comm_bytes": st["comm"],
         "buffer_bytes": sum(client_memory_bytes(c) for c in clients),
-        "wall_time_s": time.perf_counter() - start,
-        "rounds": log,
+        "wall_time_s": st["elapsed"] + time.perf_counter() - start,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "rounds": st["log"],
         "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
         "versions": run_info(),
     }

@@ -25,10 +25,11 @@ def weighted_mean(updates, weights):
     return {name: sum(wk * u[name] for wk, u in zip(w, updates)) for name in updates[0]}
 
 
-def aggregate(theta, updates, weights, cfg):
-    """(new global state, the step taken) from the clients' updates and sample counts."""
+def aggregate(theta, updates, weights, cfg, G=None):
+    """(new global state, the step taken) from the clients' updates and sample counts.
+    G: the updates' Gram matrix if the caller has it already (SAM needs it)."""
     if cfg.method in SAM_METHODS and len(updates) > 1:
-        matched = gradmatch.match(updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize,
+        matched = gradmatch.match(updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
                                   **gradmatch.SERVER)
         step = {name: cfg.eta_s * v for name, v in matched.items()}
     elif cfg.method in SAM_METHODS:

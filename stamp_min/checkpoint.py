@@ -1,0 +1,88 @@
+"""Checkpoints: everything a run needs to continue after a kill, saved after every round.
+
+A checkpoint is one file, `<checkpoint_dir>/checkpoint.pt`, holding plain tensors, numbers,
+strings, lists, tuples and dicts only:
+
+    format      "stamp_min-checkpoint-v1"
+    config      the run's Config as a dict (a resume must use the same experiment settings)
+    progress    task t and round r to run next, the global model θ, the accuracy matrix, the
+                per-round log, bytes communicated, seconds spent so far
+    clients     every ClientState: seen class sets, coreset/replay buffer, baseline state
+    rng         the torch global RNG state and the loop's generator state
+
+Local optimisers are created afresh for every local training (plain SGD, their momentum starts
+at zero each round), so no optimiser state persists between rounds and none is saved.
+
+Written atomically: torch.save to a temporary file in the same folder, fsync, rename. A kill at
+any instant leaves either the previous checkpoint or the new one, never half a file. Loading
+uses `torch.load(..., weights_only=True)`: no pickled code is ever executed.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import UserError
+from .client import ClientState
+from .coreset import Buffer
+
+FORMAT = "stamp_min-checkpoint-v1"
+FILE = "checkpoint.pt"
+# fields that may differ between the run that saved and the run that resumes
+FREE = ("out", "quiet", "plot", "resume", "checkpoint_dir", "device")
+
+
+def _client_plain(c):
+    return {"client_id": c.client_id, "seen": [list(k) for k in c.seen],
+            "buffer": None if c.buffer is None else c.buffer.state_dict(), "extra": c.extra}
+
+
+def _client_from(d):
+    buffer = None
+    if d["buffer"] is not None:
+        buffer = Buffer(d["buffer"]["m_per_class"], d["buffer"]["rule"], d["buffer"]["seed"])
+        buffer.load_state_dict(d["buffer"])
+    return ClientState(d["client_id"], [tuple(k) for k in d["seen"]], buffer, d["extra"])
+
+
+def save(folder, config, progress, clients, generator):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "config": config, "progress": progress,
+             "clients": [_client_plain(c) for c in clients],
+             "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(folder, config, generator):
+    """(progress, clients) from `folder`, after checking it is ours and made with `config`.
+
+    Restores the torch global RNG and `generator` in place. Any problem is a UserError."""
+    path = Path(folder) / FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint_dir={str(folder)!r} holds no {FILE}; allowed: the folder of an earlier run's checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or a pickle that would need code to load
+        raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); allowed: a file written "
+                        f"by stamp_min --checkpoint-dir") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"checkpoint {str(path)!r} is not a stamp_min checkpoint ({FORMAT})")
+    for name, value in config.items():
+        if name not in FREE and state["config"].get(name) != value:
+            raise UserError(f"{name}={value!r} differs from the checkpoint's {state['config'].get(name)!r}; "
+                            f"allowed: resume with the settings of the run that saved it")
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["generator"])
+    return state["progress"], [_client_from(d) for d in state["clients"]]
