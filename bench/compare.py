@@ -55,7 +55,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--seeds", type=int, default=3, help="test seeds 0..S-1")
-    p.add_argument("--grid", default="0.03,0.1,0.3", help="learning rates tried for every method")
+    p.add_argument("--grid", default="0.03,0.1,0.2", help="learning rates tried for every method")
     p.add_argument("--workers", type=int, default=2, help="runs at a time")
     p.add_argument("--out", default="bench/results/compare.md", help="markdown table; the raw numbers go beside it as .json")
     a = p.parse_args()

@@ -19,13 +19,15 @@ global model. Old tasks are keyed by their class set, so a recurring task is the
 """
 
 import copy
+import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from . import baselines, gradmatch
+from . import UserError, baselines, gradmatch
 from .coreset import Buffer, MixStyle, mixstyle, task_key
 from .server import agreement
 
@@ -128,7 +130,11 @@ def train_from(model, start, theta, x, y, cfg, generator, **hooks):
     loss = local_train(model, x, y, cfg.local_epochs, cfg.batch_size, cfg.lr, generator, cfg.momentum,
                        amp=cfg.amp == "bf16", **hooks)
     after = float_state(model)
-    return {n: after[n] - theta[n] for n in theta}, loss
+    delta = {n: after[n] - theta[n] for n in theta}
+    if not math.isfinite(loss) or not all(torch.isfinite(d).all() for d in delta.values()):
+        raise UserError(f"lr={cfg.lr}: local training of method={cfg.method} diverged (NaN/inf); "
+                        f"allowed: a smaller lr or a weaker regulariser")
+    return delta, loss
 
 
 def old_tasks(state, cfg, current):
@@ -148,10 +154,11 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras):
         with mixstyle(model, MixStyle(p=0.5, alpha=0.1, generator=generator)) if cfg.mixstyle else nullcontext():
             deltas.append(train_from(model, start, theta, xm, ym, cfg, generator, extra_losses=extras)[0])
     deltas.append(d_cur)                                                  # Δ_0 … Δ_{t−1}, Δ_cur
+    t0 = time.perf_counter()
     G = gradmatch.gram(deltas)
     matched = gradmatch.match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
                               **gradmatch.CLIENT)
-    info = {"loss": loss, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
+    info = {"loss": loss, "gm_seconds": time.perf_counter() - t0, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
             "temporal_agreement": agreement(deltas, matched)}
     return {n: cfg.eta_t * d for n, d in matched.items()}, info
 

@@ -88,6 +88,9 @@ def test_flags_parse_into_typed_fields():
     (["--dataset", "cifar100", "--data-root", "{tmp}/nothing"], "dataset='cifar100'"),
     (["--out", "/proc/forbidden/r.json"], "out="),
     (["--participation", "0"], "participation=0"),
+    (["--lr", "1e6"], "diverged"),
+    (["--gm-solver", "newton"], "gm_solver='newton'"),
+    (["--resume", "true"], "checkpoint_dir"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(argv, field, tmp_path, capsys):
     out = tmp_path / "r.json"
