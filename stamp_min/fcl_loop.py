@@ -245,7 +245,7 @@ def run(cfg, dataset=None):
         st["round_acc"][t].append(cur)
         st["log"].append({"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
                           "current_task_acc": cur, "seconds": time.perf_counter() - t0,
-                          "client_seconds": t1 - t0, "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos),
+                          "train_images": sum(weights), "client_seconds": t1 - t0, "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos),
                           "aggregate_seconds": t2 - t1,
                           # conflict: between client updates, and between each update and the server step
                           "spatial_cos": gradmatch.mean_pairwise_cosine(G),
