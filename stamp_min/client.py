@@ -187,8 +187,8 @@ def client_update(model, theta, state, x, y, classes, cfg, generator):
         distil = baselines.lwf_loss(old_model.eval(), old_classes, cfg.lwf_alpha, cfg.lwf_temperature)
         extras += [distil] if distil is not None else []
     elif cfg.method == "replay" and len(state.buffer):
-        x = torch.cat([x] + [xm for _, xm, _ in state.buffer])
-        y = torch.cat([y] + [ym for _, _, ym in state.buffer])
+        x = torch.cat([x] + [xm.to(x.device) for _, xm, _ in state.buffer])     # the buffer lives on the CPU
+        y = torch.cat([y] + [ym.to(y.device) for _, _, ym in state.buffer])
     elif cfg.method == "agem" and len(state.buffer):
         bx = torch.cat([xm for _, xm, _ in state.buffer])
         by = torch.cat([ym for _, _, ym in state.buffer])
