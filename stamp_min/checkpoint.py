@@ -8,7 +8,7 @@ strings, lists, tuples and dicts only:
     progress    task t and round r to run next, the global model θ, the accuracy matrix, the
                 per-round log, bytes communicated, seconds spent so far
     clients     every ClientState: seen class sets, coreset/replay buffer, baseline state
-    rng         the torch global RNG state and the loop's generator state
+    rng         the torch global (and CUDA) RNG states and the loop's generator state
 
 Local optimisers are created afresh for every local training (plain SGD, their momentum starts
 at zero each round), so no optimiser state persists between rounds and none is saved.
@@ -52,7 +52,8 @@ def save(folder, config, progress, clients, generator):
     folder.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "config": config, "progress": progress,
              "clients": [_client_plain(c) for c in clients],
-             "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
+             "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{FILE}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -78,11 +79,14 @@ def load(folder, config, generator):
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}); allowed: a file written "
                         f"by stamp_min --checkpoint-dir") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"checkpoint {str(path)!r} is not a stamp_min checkpoint ({FORMAT})")
+        raise UserError(f"checkpoint {str(path)!r} is not a stamp_min checkpoint; allowed: a {FORMAT} file "
+                        f"written by --checkpoint-dir")
     for name, value in config.items():
         if name not in FREE and state["config"].get(name) != value:
             raise UserError(f"{name}={value!r} differs from the checkpoint's {state['config'].get(name)!r}; "
                             f"allowed: resume with the settings of the run that saved it")
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     generator.set_state(state["rng"]["generator"])
     return state["progress"], [_client_from(d) for d in state["clients"]]

@@ -53,8 +53,8 @@ def parse_config(cls, argv=None, description=None):
     for f in dataclasses.fields(cls):
         kind = {bool: _bool, int: int, float: float}.get(f.type, str)
         opt = dict(default=f.default, help=docs.get(f.name, ""), type=kind)
-        if kind is _bool:
-            opt["metavar"] = "{true,false}"
+        if kind is _bool:   # `--flag`, `--flag true` and `--flag false` all work
+            opt.update(metavar="{true,false}", nargs="?", const=True)
         if f.default is None:
             opt["type"] = lambda s: None if s.lower() == "none" else s
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **opt)

@@ -29,10 +29,8 @@ import torch.nn.functional as F
 
 from . import UserError, baselines, gradmatch
 from .coreset import Buffer, MixStyle, mixstyle, task_key
-from .server import agreement
 
 TAM_METHODS = ("stamp", "stamp_tam")
-BUFFER_RULE = {"stamp": None, "stamp_tam": None, "replay": "random", "agem": "random"}  # None: cfg.coreset_rule
 
 
 @dataclass
@@ -44,10 +42,22 @@ class ClientState:
     extra: dict = field(default_factory=dict)   # baseline state: EWC Fisher + anchor, LwF old model, full replay data
 
 
+def buffer_rule(cfg):
+    """How a method fills its buffer: STAMP's coreset rule, random for ER / A-GEM, None: no buffer."""
+    if cfg.method in TAM_METHODS:
+        return cfg.coreset_rule
+    return "random" if cfg.method in ("replay", "agem") else None
+
+
 def new_state(k, cfg):
-    rule = BUFFER_RULE.get(cfg.method, "none")
-    buffer = None if rule == "none" else Buffer(cfg.buffer_per_class, rule or cfg.coreset_rule, seed=cfg.seed + k)
-    return ClientState(k, buffer=buffer)
+    rule = buffer_rule(cfg)
+    return ClientState(k, buffer=None if rule is None else Buffer(cfg.buffer_per_class, rule, seed=cfg.seed + k))
+
+
+def param_names(model):
+    """Names of the trainable parameters: what GM matches (the rest of an update is BatchNorm
+    statistics, which are averaged, never matched or scaled)."""
+    return [n for n, _ in model.named_parameters()]
 
 
 def float_state(model):
@@ -64,8 +74,12 @@ def load_state(model, state):
 
 
 def batches(n, batch_size, generator):
-    """Index tensors of a fresh random permutation of range(n), `batch_size` at a time."""
-    return torch.randperm(n, generator=generator).split(batch_size)
+    """Index tensors of a fresh random permutation of range(n), `batch_size` at a time. A last
+    batch of one image joins the batch before it (BatchNorm cannot normalise a single image)."""
+    parts = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
 
 
 def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, extra_losses=(), after_backward=None,
@@ -144,23 +158,30 @@ def old_tasks(state, cfg, current):
 
 
 def tam_update(model, theta, state, x, y, key, cfg, generator, extras):
+    """TAM (METHOD §1.3): θ_k − θ = η_t · GM(Δ_0, …, Δ_{t−1}, Δ_cur) on the trainable parameters.
+
+    key: the current task's class set; every other stored task is an old task j with its own
+    clone Δ_j. BatchNorm statistics are taken from Δ_cur as they are (not matched, not scaled).
+    Returns (update {name: tensor}, info)."""
     d_cur, loss = train_from(model, theta, theta, x, y, cfg, generator, extra_losses=extras)
     old = old_tasks(state, cfg, key)
+    params = param_names(model)
     if not old:
-        return {n: cfg.eta_t * d for n, d in d_cur.items()}, {"loss": loss}
+        return {**d_cur, **{n: cfg.eta_t * d_cur[n] for n in params}}, {"loss": loss}
     start = theta if cfg.clone_start == "global" else {n: theta[n] + d_cur[n] for n in theta}
     deltas = []
     for _, xm, ym in old:
         with mixstyle(model, MixStyle(p=0.5, alpha=0.1, generator=generator)) if cfg.mixstyle else nullcontext():
             deltas.append(train_from(model, start, theta, xm, ym, cfg, generator, extra_losses=extras)[0])
     deltas.append(d_cur)                                                  # Δ_0 … Δ_{t−1}, Δ_cur
+    deltas = [{n: d[n] for n in params} for d in deltas]                   # trainable parameters only
     t0 = time.perf_counter()
-    G = gradmatch.gram(deltas)
+    G = gradmatch.gram(deltas)                                            # (t+1, t+1)
     matched = gradmatch.match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
                               **gradmatch.CLIENT)
     info = {"loss": loss, "gm_seconds": time.perf_counter() - t0, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
-            "temporal_agreement": agreement(deltas, matched)}
-    return {n: cfg.eta_t * d for n, d in matched.items()}, info
+            "temporal_agreement": gradmatch.agreement(deltas, matched)}
+    return {**d_cur, **{n: cfg.eta_t * matched[n] for n in params}}, info
 
 
 def client_update(model, theta, state, x, y, classes, cfg, generator):

@@ -114,7 +114,8 @@ def _image_folder(root, image_size):
             x, y, classes = load(root / "train")
             x_te, y_te, classes_te = load(test_dir)
             if classes_te != classes:
-                raise UserError(f"data_root={str(root)!r}: train/ and {test_dir.name}/ have different class folders")
+                raise UserError(f"data_root={str(root)!r}: train/ and {test_dir.name}/ have different class folders; "
+                                f"allowed: the same class sub-folders in both")
             return x, y, x_te, y_te, len(classes)
         x, y, classes = load(root)
     except (FileNotFoundError, RuntimeError) as e:

@@ -23,15 +23,18 @@ import torch
 from . import UserError
 from .cli import check_writable, main, parse_config, run_info, write_json
 from . import checkpoint, gradmatch
-from .client import client_update, end_task, float_state, load_state, new_state
+from .client import client_update, end_task, float_state, load_state, new_state, param_names
+from .coreset import task_key
 from .coreset import SELECTORS
+from .data import SCENARIOS
+from .models import MODELS
 from .data import load_dataset, make_scenario, to_device_if_small, validation_split
 from .metrics import current_task_accuracy, summary, tensor_bytes
 from .models import build_model
-from .server import aggregate, agreement, participants
+from .server import aggregate, participants
 
 METHODS = ("fedavg", "fedprox", "ewc", "lwf", "replay", "agem", "stamp", "stamp_tam", "stamp_sam")
-CHOICES = {"method": METHODS, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
+CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": METHODS, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16")}
 
 
@@ -134,10 +137,12 @@ class Config:
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
         if self.num_tasks < 0:
-            raise UserError(f"num_tasks={self.num_tasks} must be >= 0 (0 = as many as the classes allow)")
+            raise UserError(f"num_tasks={self.num_tasks} must be >= 0; allowed: 0 (as many as the classes allow) or more")
         for name in ("lr", "eta_t", "eta_s"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: > 0")
+        if not self.lwf_temperature > 0:
+            raise UserError(f"lwf_temperature={self.lwf_temperature} must be positive; allowed: > 0")
         for name in ("gm_c", "mu", "ewc_lambda", "lwf_alpha", "protonet_weight", "momentum"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"{name}={getattr(self, name)} must be non-negative; allowed: >= 0")
@@ -220,6 +225,7 @@ def run(cfg, dataset=None):
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
         say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
     model_bytes = tensor_bytes(st["theta"])
+    params = param_names(model)
     say(f"model {cfg.model}: {sum(v.numel() for v in st['theta'].values()):,} numbers ({model_bytes / 1e6:.2f} MB); "
         f"method {cfg.method}; device {device}")
 
@@ -236,8 +242,9 @@ def run(cfg, dataset=None):
             weights.append(len(y))
             infos.append(info)
         t1 = time.perf_counter()
-        G = gradmatch.gram(updates)                         # (K, K): conflict diagnostics, and SAM's Gram matrix
-        theta, step = aggregate(theta, updates, weights, cfg, G=G)
+        p_updates = [{n: u[n] for n in params} for u in updates]
+        G = gradmatch.gram(p_updates)                       # (K, K) over the weights: diagnostics, and SAM's G
+        theta, step = aggregate(theta, updates, weights, cfg, params=params, G=G)
         t2 = time.perf_counter()
         st["theta"], st["comm"] = theta, st["comm"] + 2 * model_bytes * len(ids)   # θ down, Δ up, per participant
         load_state(model, theta)
@@ -249,16 +256,18 @@ def run(cfg, dataset=None):
                           "aggregate_seconds": t2 - t1,
                           # conflict: between client updates, and between each update and the server step
                           "spatial_cos": gradmatch.mean_pairwise_cosine(G),
-                          "spatial_agreement": agreement(updates, step),
+                          "spatial_agreement": gradmatch.agreement(p_updates, {n: step[n] for n in params}),
                           # between a client's task updates, and between each and its matched update (TAM)
                           "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
                           "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)})
         say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {st['log'][-1]['loss']:.3f} | current-task acc {cur:.3f} "
             f"| spatial cos {st['log'][-1]['spatial_cos']:+.2f} | {st['log'][-1]['seconds']:.2f}s")
         st["r"] += 1
-        if st["r"] == R:                                    # end of task t
+        if st["r"] == R:                                    # end of task t: clients that trained it
             for k in range(K):
                 task = scenario.tasks[k][t]
+                if task_key(task.classes) not in clients[k].seen:
+                    continue                                # never drawn during task t (participation < 1)
                 end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
             for j in range(t + 1):
                 st["acc"][t, j] = task_accuracy(model, ds, scenario, j)

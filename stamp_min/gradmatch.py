@@ -276,3 +276,17 @@ def mean_pairwise_cosine(G):
 def num_conflicts(G):
     """Number of pairs i < j whose cosine is negative (conflicting updates)."""
     return int((_pairs(G) < 0).sum())
+
+
+def agreement(updates, step):
+    """Mean cosine between each update d_i and one combined direction `step` (same form as a
+    single update): how well that direction serves every d_i. Zero vectors count as cosine 0."""
+    if torch.is_tensor(updates):
+        updates, step = [{"": u} for u in updates], {"": step}
+    dots = sum(torch.stack([(u[k].double() * step[k].double()).sum() for u in updates]) for k in step)   # (n,)
+    norms = sum(torch.stack([u[k].double().pow(2).sum() for u in updates]) for k in step)
+    step_norm = sum(v.double().pow(2).sum() for v in step.values())
+    denom = (norms * step_norm).sqrt()
+    cos = torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(dots))
+    return float(cos.mean())
+

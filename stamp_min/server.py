@@ -7,7 +7,8 @@ model θ ← θ + step, where
     SAM:     step = η_s · GM(Δ_1, …, Δ_K)                (server GM settings, METHOD §1.2)
 
 GM treats clients alike (no sample weights), as in the paper. With one participant there is
-nothing to match and SAM passes its update through (scaled by η_s). Communication per round is
+nothing to match and SAM passes its update through (scaled by η_s). GM and η_s act on the
+trainable parameters; BatchNorm running statistics are averaged as in FedAvg. Communication per round is
 the full model down and up for each participating client, nothing else, for both rules.
 """
 
@@ -25,34 +26,21 @@ def weighted_mean(updates, weights):
     return {name: sum(wk * u[name] for wk, u in zip(w, updates)) for name in updates[0]}
 
 
-def aggregate(theta, updates, weights, cfg, G=None):
+def aggregate(theta, updates, weights, cfg, params=None, G=None):
     """(new global state, the step taken) from the clients' updates and sample counts.
-    G: the updates' Gram matrix if the caller has it already (SAM needs it)."""
-    if cfg.method in SAM_METHODS and len(updates) > 1:
-        matched = gradmatch.match(updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
-                                  **gradmatch.SERVER)
-        step = {name: cfg.eta_s * v for name, v in matched.items()}
-    elif cfg.method in SAM_METHODS:
-        step = {name: cfg.eta_s * v for name, v in updates[0].items()}
-    else:
-        step = weighted_mean(updates, weights)
+
+    params: the names of the trainable parameters (default: every entry). SAM matches those
+    only; the other entries (BatchNorm running statistics) get the sample-weighted mean, as in
+    FedAvg: scaling statistics by GM's weights could make a variance negative.
+    G: the Gram matrix of the updates' `params` entries, if the caller has it already."""
+    step = weighted_mean(updates, weights)
+    if cfg.method in SAM_METHODS:
+        params = list(theta) if params is None else params
+        p_updates = [{n: u[n] for n in params} for u in updates]
+        matched = (gradmatch.match(p_updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
+                                   **gradmatch.SERVER) if len(updates) > 1 else p_updates[0])
+        step.update({n: cfg.eta_s * v for n, v in matched.items()})
     return {name: theta[name] + step[name] for name in theta}, step
-
-
-def agreement(updates, step):
-    """Mean cosine between each update and `step` (how well one combined direction serves each)."""
-    dots = torch.zeros(len(updates), dtype=torch.float64)
-    norms = torch.zeros(len(updates), dtype=torch.float64)
-    step_norm = 0.0
-    for name, s in step.items():
-        s = s.double().flatten()
-        step_norm += s.dot(s).item()
-        for i, u in enumerate(updates):
-            u = u[name].double().flatten()
-            dots[i] += u.dot(s).item()
-            norms[i] += u.dot(u).item()
-    cos = dots / (norms.sqrt() * step_norm ** 0.5).clamp_min(1e-30)
-    return cos.mean().item()
 
 
 def participants(num_clients, fraction, generator):

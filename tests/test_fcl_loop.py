@@ -75,6 +75,8 @@ def test_every_config_field_is_documented_in_help(capsys):
 def test_flags_parse_into_typed_fields():
     cfg = parse_config(Config, ["--num-clients", "3", "--lr", "0.2", "--share-samples", "true", "--method", "fedavg"])
     assert cfg.num_clients == 3 and cfg.lr == 0.2 and cfg.share_samples is True
+    assert parse_config(Config, ["--gm-normalize"]).gm_normalize is True          # a bare boolean flag
+    assert parse_config(Config, ["--mixstyle", "false"]).mixstyle is False
 
 
 @pytest.mark.parametrize("argv, field", [
@@ -91,6 +93,8 @@ def test_flags_parse_into_typed_fields():
     (["--lr", "1e6"], "diverged"),
     (["--gm-solver", "newton"], "gm_solver='newton'"),
     (["--resume", "true"], "checkpoint_dir"),
+    (["--model", "vit"], "model='vit'"),
+    (["--method", "lwf", "--lwf-temperature", "0"], "lwf_temperature=0"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(argv, field, tmp_path, capsys):
     out = tmp_path / "r.json"

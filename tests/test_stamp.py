@@ -235,3 +235,86 @@ def test_every_method_runs(method):
         assert -1 <= r["temporal_cos"] <= 1 and res["buffer_bytes"] > 0
     else:
         assert math.isnan(r["temporal_cos"])
+
+
+def bn_model(seed=0):
+    """A tiny conv + BatchNorm Classifier: its state holds running statistics besides weights."""
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    return Classifier(body, 4 * 2 * 2, 3, mean=(0.0,), std=(1.0,), early_block="body.0")
+
+
+def test_tam_matches_weights_only_and_keeps_batchnorm_statistics_as_trained():
+    cfg = tiny_cfg(eta_t=2.0, batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    model = bn_model()
+    theta = float_state(model)
+    state = new_state(0, cfg)
+    state.seen.append((0, 1))
+    end_task(model, theta, state, torch.randn(8, 1, 2, 2, generator=g), torch.tensor([0, 1] * 4), (0, 1), cfg)
+    x, y = torch.randn(6, 1, 2, 2, generator=g), torch.tensor([2] * 6)
+    delta, _ = client_update(model, theta, state, x, y, (2,), cfg, torch.Generator().manual_seed(1))
+    # the current-task clone alone, replayed with the same generator: its statistics must be what we got
+    from stamp_min.client import train_from
+    d_cur, _ = train_from(model, theta, theta, x, y, cfg, torch.Generator().manual_seed(1))
+    for name in ("body.1.running_mean", "body.1.running_var"):
+        assert torch.equal(delta[name], d_cur[name])
+    assert (theta["body.1.running_var"] + delta["body.1.running_var"]).min() > 0
+
+
+def test_sam_averages_batchnorm_statistics_like_fedavg():
+    theta = {"w": torch.zeros(3), "running_var": torch.ones(3)}
+    ups = [{"w": torch.tensor([1.0, 0, 0]), "running_var": torch.tensor([-0.5, 0.1, 0.2])},
+           {"w": torch.tensor([-1.0, 1, 0]), "running_var": torch.tensor([-0.1, 0.3, 0.0])}]
+    new, step = aggregate(theta, ups, [1, 3], replace(Config(), method="stamp", eta_s=3.0), params=["w"])
+    assert torch.allclose(step["running_var"], (ups[0]["running_var"] + 3 * ups[1]["running_var"]) / 4)
+    assert not torch.allclose(step["w"], (ups[0]["w"] + 3 * ups[1]["w"]) / 4)   # the weights are matched
+
+
+def test_batches_never_end_with_a_single_image():
+    from stamp_min.client import batches
+    for n in (1, 2, 17, 33, 40):
+        parts = batches(n, 16, torch.Generator().manual_seed(0))
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))
+        assert n == 1 or all(len(p) > 1 for p in parts)
+
+
+def test_lwf_loss_equals_the_hand_computed_distillation():
+    old, model = linear_model(seed=1), linear_model(seed=2)
+    x = torch.randn(4, 1, 2, 2)
+    logits = model(x)
+    T, alpha, cols = 2.0, 0.7, [0, 2]
+    with torch.no_grad():
+        q = torch.softmax(old(x)[:, cols] / T, dim=1)                   # teacher
+    p = torch.softmax(logits[:, cols] / T, dim=1)                      # student
+    kl = (q * (q.log() - p.log())).sum(1).mean()                       # KL(q || p), batch mean
+    got = baselines.lwf_loss(old, {0, 2}, alpha, T)(model, None, logits, x, None)
+    assert torch.allclose(got, alpha * T * T * kl, atol=1e-6)
+
+
+def test_agem_hook_writes_back_a_gradient_that_agrees_with_the_buffer():
+    model = linear_model()
+    g = torch.Generator().manual_seed(0)
+    bx, by = torch.randn(5, 1, 2, 2, generator=g), torch.tensor([0, 0, 1, 1, 0])
+    x, y = torch.randn(5, 1, 2, 2, generator=g), torch.tensor([2] * 5)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    g_old = torch.cat([p.grad.flatten() for p in model.parameters()])
+    ref = linear_model()
+    ref.load_state_dict(model.state_dict())
+    torch.nn.functional.cross_entropy(ref(bx), by).backward()         # the buffer gradient, independently
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert torch.dot(g_old, g_ref) < 0                                 # the case A-GEM exists for
+    hook = baselines.agem_hook(bx, by, batch_size=5, generator=torch.Generator().manual_seed(0))
+    hook(model)
+    g_new = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(g_new, baselines.agem_project(g_old, g_ref), atol=1e-6)
+    assert torch.dot(g_new, g_ref) >= -1e-6
+
+
+def test_agreement_is_the_mean_cosine():
+    from stamp_min.gradmatch import agreement
+    ups = _updates(4, seed=3)
+    step = {"a": torch.randn(5, 4), "b": torch.randn(3)}
+    flat = lambda d: torch.cat([d["a"].flatten(), d["b"]])
+    ref = sum(torch.nn.functional.cosine_similarity(flat(u), flat(step), dim=0) for u in ups) / 4
+    assert agreement(ups, step) == pytest.approx(ref.item(), abs=1e-6)
