@@ -27,9 +27,14 @@ def test_killed_and_resumed_equals_uninterrupted(method, tmp_path):
     p = subprocess.Popen(cli("--method", method, "--out", str(out), "--checkpoint-dir", str(ck)),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (ck / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+    while time.time() < deadline and p.poll() is None:       # wait until task 2 of 4 has begun ...
+        try:
+            if torch.load(ck / "checkpoint.pt", weights_only=True)["progress"]["t"] >= 1:
+                break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
         time.sleep(0.02)
-    time.sleep(random.Random(method).uniform(0.0, 1.0))        # an arbitrary instant, mid-run
+    time.sleep(random.Random(method).uniform(0.0, 0.2))        # ... then kill at an arbitrary instant
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not out.exists()
