@@ -60,6 +60,12 @@ def param_names(model):
     return [n for n, _ in model.named_parameters()]
 
 
+def memory_bytes(state):
+    """Bytes of the images and labels a client keeps for old tasks (coreset, or full replay data)."""
+    full = state.extra.get("full", {}).values()
+    return (state.buffer.nbytes if state.buffer is not None else 0) + sum(x.nbytes + y.nbytes for x, y in full)
+
+
 def float_state(model):
     """The model's floating-point state entries, detached clones: {name: tensor}."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}

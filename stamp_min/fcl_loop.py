@@ -20,17 +20,13 @@ from pathlib import Path
 
 import torch
 
-from . import UserError
+from . import UserError, checkpoint, gradmatch
 from .cli import check_writable, main, parse_config, run_info, write_json
-from . import checkpoint, gradmatch
-from .client import client_update, end_task, float_state, load_state, new_state, param_names
-from .coreset import task_key
-from .coreset import SELECTORS
-from .data import SCENARIOS
-from .models import MODELS
-from .data import load_dataset, make_scenario, to_device_if_small, validation_split
-from .metrics import current_task_accuracy, summary, tensor_bytes
-from .models import build_model
+from .client import client_update, end_task, float_state, load_state, memory_bytes, new_state, param_names
+from .coreset import SELECTORS, task_key
+from .data import SCENARIOS, load_dataset, make_scenario, to_device_if_small, validation_split
+from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
+from .models import MODELS, build_model
 from .server import aggregate, participants
 
 METHODS = ("fedavg", "fedprox", "ewc", "lwf", "replay", "agem", "stamp", "stamp_tam", "stamp_sam")
@@ -165,30 +161,6 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def client_memory_bytes(state):
-    """Bytes of the images and labels a client keeps for old tasks (coreset, or full replay data)."""
-    full = state.extra.get("full", {}).values()
-    return (state.buffer.nbytes if state.buffer is not None else 0) + sum(tensor_bytes(xy) for xy in full)
-
-
-@torch.no_grad()
-def correct(model, x, y, batch_size=1024):
-    """Number of images of (x, y) the model classifies right (argmax over all classes)."""
-    model.eval()
-    device = next(model.parameters()).device
-    hits = 0
-    for i in range(0, len(y), batch_size):
-        logits = model(x[i:i + batch_size].to(device))
-        hits += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
-    return hits
-
-
-def task_accuracy(model, ds, scenario, t):
-    """Accuracy on task t of every client, pooled (each client's own classes for its task t)."""
-    idx = torch.cat([scenario.tasks[k][t].test_idx for k in range(scenario.num_clients)])
-    return correct(model, ds.x_test[idx], ds.y_test[idx]) / len(idx)
-
-
 def run(cfg, dataset=None):
     """Run one experiment; returns the results as a dict (what the CLI writes to JSON).
 
@@ -284,7 +256,7 @@ def run(cfg, dataset=None):
         **summary(acc),
         "current_task_accuracy": current_task_accuracy(st["round_acc"]),
         "comm_bytes": st["comm"],
-        "buffer_bytes": sum(client_memory_bytes(c) for c in clients),
+        "buffer_bytes": sum(memory_bytes(c) for c in clients),
         "wall_time_s": st["elapsed"] + time.perf_counter() - start,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "rounds": st["log"],

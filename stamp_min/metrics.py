@@ -10,6 +10,9 @@ Entries with j > t (tasks not seen yet) are NaN and never used.
 
 With one task there is nothing to forget: forgetting and BWT are NaN (null in JSON).
 
+A[t, j] itself comes from `task_accuracy`: the model's argmax over all classes on the test
+images of task j of every client, pooled.
+
 The authors' logs report *current-task accuracy*: for each task, the best accuracy on that
 task's own test data over the task's rounds. It says nothing about forgetting, so it is reported
 under that name, never as "accuracy".
@@ -63,3 +66,23 @@ def tensor_bytes(tensors):
     tensors = tensors.values() if isinstance(tensors, dict) else tensors
     return sum(t.numel() * t.element_size() for t in tensors)
 
+
+# ----------------------------------------------------------------------------------------------
+# filling A[t, j]: accuracy of a model
+
+@torch.no_grad()
+def correct(model, x, y, batch_size=1024):
+    """Number of images of (x, y) the model classifies right (argmax over all classes)."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        hits += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
+    return hits
+
+
+def task_accuracy(model, ds, scenario, t):
+    """Accuracy on task t of every client, pooled (each client's own classes for its task t)."""
+    idx = torch.cat([scenario.tasks[k][t].test_idx for k in range(scenario.num_clients)])
+    return correct(model, ds.x_test[idx], ds.y_test[idx]) / len(idx)
