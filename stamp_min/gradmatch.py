@@ -237,11 +237,10 @@ def match_weights(G, c=0.25, solver="exact", steps=None, lr=None, momentum=None,
     return Weights(w, lam, f, float(g @ w - g.min()), hist)
 
 
-def match(updates, c=0.25, solver="exact", normalize=False, G=None, **solver_kw):
-    """GM(d): the matched update, same form and dtype as `updates` ((n, ...) tensor -> (...) tensor,
-    list of dicts -> dict). normalize=True rescales each d_i to the mean norm first (zero updates
-    stay zero). G: the Gram matrix if already computed. solver_kw: steps, lr, momentum, tol, max_iter."""
-    G = gram(updates) if G is None else G.detach().to("cpu", torch.float64)
+def coefficients(G, c=0.25, solver="exact", normalize=False, **solver_kw):
+    """α (n,) float64 with GM(d) = Σ_i α_i d_i, from the (n, n) Gram matrix G alone.
+    normalize=True rescales each d_i to the mean norm first (zero updates stay zero)."""
+    G = G.detach().to("cpu", torch.float64)
     n = len(G)
     scale = torch.ones(n, dtype=torch.float64)
     if normalize:
@@ -249,8 +248,15 @@ def match(updates, c=0.25, solver="exact", normalize=False, G=None, **solver_kw)
         scale = torch.where(norm > 0, norm.mean() / norm, torch.zeros_like(norm))
         G = G * scale[:, None] * scale[None, :]                  # Gram matrix of the rescaled updates
     w, lam = match_weights(G, c, solver, **solver_kw)
-    alpha = (1 / n + lam * w) / (1 + c * c) * scale              # GM(d) = Σ_i α_i d_i
-    return combine(updates, alpha)
+    return (1 / n + lam * w) / (1 + c * c) * scale               # METHOD §1.2: (d̄ + λ Σ w_i d_i)/(1+c²)
+
+
+def match(updates, c=0.25, solver="exact", normalize=False, G=None, **solver_kw):
+    """GM(d): the matched update, same form and dtype as `updates` ((n, ...) tensor -> (...) tensor,
+    list of dicts -> dict). G: the Gram matrix if already computed; see `coefficients` for the
+    rest. solver_kw: steps, lr, momentum, tol, max_iter."""
+    G = gram(updates) if G is None else G
+    return combine(updates, coefficients(G, c, solver, normalize, **solver_kw))
 
 
 # ----------------------------------------------------------------------------- conflict diagnostics

@@ -10,15 +10,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def accuracy_matrix(A, title="accuracy matrix A[t, j]", ax=None):
+def accuracy_matrix(A, title="accuracy matrix A[t, j]", ax=None, annotate=None):
+    """annotate: write each value in its cell (default: only up to 12 tasks, where they fit)."""
     A = np.asarray(A, dtype=float)
     T = A.shape[0]
+    annotate = T <= 12 if annotate is None else annotate
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.0 + 0.6 * T, 0.8 + 0.55 * T))
     masked = np.ma.masked_invalid(A)
     im = ax.imshow(masked, vmin=0, vmax=1, cmap="viridis")
     for t in range(T):
         for j in range(T):
-            if np.isfinite(A[t, j]):
+            if annotate and np.isfinite(A[t, j]):
                 ax.text(j, t, f"{A[t, j]:.2f}", ha="center", va="center",
                         color="white" if A[t, j] < 0.6 else "black", fontsize=8)
     ax.set_xlabel("evaluated on task j")
@@ -31,11 +33,11 @@ def accuracy_matrix(A, title="accuracy matrix A[t, j]", ax=None):
     return fig
 
 
-def curves(series, xlabel="round", ylabel="accuracy", title=None, ax=None):
-    """series: {label: list of y values} drawn against their index."""
+def curves(series, xlabel="round", ylabel="accuracy", title=None, ax=None, x=None):
+    """series: {label: list of y values} drawn against x (default: their index)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3))
     for label, ys in series.items():
-        ax.plot(range(len(ys)), ys, label=label, marker="o", markersize=2)
+        ax.plot(range(len(ys)) if x is None else x, ys, label=label, marker="o", markersize=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

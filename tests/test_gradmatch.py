@@ -402,3 +402,13 @@ def test_cosine_diagnostics():
     assert gm.mean_pairwise_cosine(one) == 1.0 and gm.num_conflicts(one) == 0
     zero = gm.gram(torch.zeros(3, 5))
     assert gm.mean_pairwise_cosine(zero) == 0.0 and gm.num_conflicts(zero) == 0
+
+
+def test_coefficients_give_the_matched_update_as_a_combination():
+    from stamp_min.gradmatch import coefficients, gram, match
+    g = torch.Generator().manual_seed(7)
+    D = torch.randn(5, 30, generator=g, dtype=torch.float64)
+    D[1] = -D[0] + 0.1 * D[1]                                         # a conflicting pair
+    for normalize in (False, True):
+        a = coefficients(gram(D), c=0.4, normalize=normalize)
+        assert torch.allclose(a @ D, match(D, c=0.4, normalize=normalize), atol=1e-10)
