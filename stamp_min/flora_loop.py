@@ -33,6 +33,7 @@ from . import UserError
 from .cli import check_writable, main, parse_config, run_info, write_json
 from .data import load_dataset, make_scenario
 from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target
+from .metrics import correct
 from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora
 
 SHIFTS = ("rotate", "invert")
@@ -109,12 +110,6 @@ def shifted(x, cfg):
         return 255 - x
     from torchvision.transforms.functional import rotate
     return rotate(x, cfg.angle)
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    model.eval()
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def train(model, x, y, epochs, batch_size, lr, gen, clip=1.0):
@@ -207,7 +202,8 @@ def _run(cfg):
     ds = load_dataset("digits")
     model = pretrain(cfg, ds, gen)
     x_train, x_test = shifted(ds.x_train, cfg), shifted(ds.x_test, cfg)
-    before = {"upright": accuracy(model, ds.x_test, ds.y_test), "shifted": accuracy(model, x_test, ds.y_test)}
+    n_test = len(ds.y_test)
+    before = {"upright": correct(model, ds.x_test, ds.y_test) / n_test, "shifted": correct(model, x_test, ds.y_test) / n_test}
     say(f"pre-trained MLP: test accuracy {before['upright']:.3f} upright, {before['shifted']:.3f} on the "
         f"{cfg.shift} task before fine-tuning")
 
@@ -249,11 +245,11 @@ def _run(cfg):
             accs = []
             for u in range(len(parts)):                                    # personal models (Ā, B_u)
                 set_lora(model, {n: (A, client_B[u][n]) for n, (A, _) in agg.lora.items()})
-                accs.append(accuracy(model, x_test, ds.y_test))
+                accs.append(correct(model, x_test, ds.y_test) / len(ds.y_test))
             acc = float(torch.tensor(accs, dtype=torch.float64) @ w)
         else:
             set_lora(model, agg.lora)
-            acc = accuracy(model, x_test, ds.y_test)
+            acc = correct(model, x_test, ds.y_test) / len(ds.y_test)
         log["accuracy"].append(acc)
         log["loss"].append(sum(losses) / len(losses))
         log["bytes_up"].append(up * len(parts))

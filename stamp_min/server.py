@@ -33,12 +33,15 @@ def aggregate(theta, updates, weights, cfg, params=None, G=None):
     only; the other entries (BatchNorm running statistics) get the sample-weighted mean, as in
     FedAvg: scaling statistics by GM's weights could make a variance negative.
     G: the Gram matrix of the updates' `params` entries, if the caller has it already."""
-    step = weighted_mean(updates, weights)
-    if cfg.method in SAM_METHODS:
+    if cfg.method not in SAM_METHODS:
+        step = weighted_mean(updates, weights)
+    else:
         params = list(theta) if params is None else params
         p_updates = [{n: u[n] for n in params} for u in updates]
         matched = (gradmatch.match(p_updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
                                    **gradmatch.SERVER) if len(updates) > 1 else p_updates[0])
+        rest = [n for n in theta if n not in matched]                    # BatchNorm statistics: plain mean
+        step = weighted_mean([{n: u[n] for n in rest} for u in updates], weights) if rest else {}
         step.update({n: cfg.eta_s * v for n, v in matched.items()})
     return {name: theta[name] + step[name] for name in theta}, step
 
