@@ -7,8 +7,9 @@ strings, lists, tuples and dicts only:
     config      the run's Config as a dict (a resume must use the same experiment settings)
     progress    task t and round r to run next, the global model θ, the accuracy matrix, the
                 per-round log, bytes communicated, seconds spent so far
-    clients     every ClientState: seen class sets, coreset/replay buffer, baseline state
-    rng         the torch global (and CUDA) RNG states and the loop's generator state
+    clients     every ClientState (client.state_dict): seen class sets, coreset/replay buffer,
+                baseline state, the client's random stream
+    rng         the torch global (and CUDA) RNG states and the loop's generator (client sampling)
 
 Local optimisers are created afresh for every local training (plain SGD, their momentum starts
 at zero each round), so no optimiser state persists between rounds and none is saved.
@@ -25,33 +26,19 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .client import ClientState
-from .coreset import Buffer
+from .client import from_state_dict, state_dict
 
-FORMAT = "stamp_min-checkpoint-v1"
+FORMAT = "stamp_min-checkpoint-v2"   # v2: every client has its own random stream
 FILE = "checkpoint.pt"
 # fields that may differ between the run that saved and the run that resumes
 FREE = ("out", "quiet", "plot", "resume", "checkpoint_dir", "device")
-
-
-def _client_plain(c):
-    return {"client_id": c.client_id, "seen": [list(k) for k in c.seen],
-            "buffer": None if c.buffer is None else c.buffer.state_dict(), "extra": c.extra}
-
-
-def _client_from(d):
-    buffer = None
-    if d["buffer"] is not None:
-        buffer = Buffer(d["buffer"]["m_per_class"], d["buffer"]["rule"], d["buffer"]["seed"])
-        buffer.load_state_dict(d["buffer"])
-    return ClientState(d["client_id"], [tuple(k) for k in d["seen"]], buffer, d["extra"])
 
 
 def save(folder, config, progress, clients, generator):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "config": config, "progress": progress,
-             "clients": [_client_plain(c) for c in clients],
+             "clients": [state_dict(c) for c in clients],
              "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{FILE}.", suffix=".tmp")
@@ -89,4 +76,4 @@ def load(folder, config, generator):
     if state["rng"].get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     generator.set_state(state["rng"]["generator"])
-    return state["progress"], [_client_from(d) for d in state["clients"]]
+    return state["progress"], [from_state_dict(d) for d in state["clients"]]

@@ -40,6 +40,12 @@ class ClientState:
     seen: list = field(default_factory=list)    # class sets (sorted tuples) of the tasks trained so far
     buffer: Buffer = None                       # coreset / replay buffer, for the methods that have one
     extra: dict = field(default_factory=dict)   # baseline state: EWC Fisher + anchor, LwF old model, full replay data
+    rng: torch.Generator = None                 # the client's own random stream: batch order, MixStyle, A-GEM draws
+
+
+def client_seed(seed, k):
+    """Seed of client k's random stream: distinct for every (seed, k) with k < 1,000,003."""
+    return seed * 1_000_003 + k
 
 
 def buffer_rule(cfg):
@@ -51,7 +57,26 @@ def buffer_rule(cfg):
 
 def new_state(k, cfg):
     rule = buffer_rule(cfg)
-    return ClientState(k, buffer=None if rule is None else Buffer(cfg.buffer_per_class, rule, seed=cfg.seed + k))
+    return ClientState(k, buffer=None if rule is None else Buffer(cfg.buffer_per_class, rule, seed=cfg.seed + k),
+                       rng=torch.Generator().manual_seed(client_seed(cfg.seed, k)))
+
+
+def state_dict(state):
+    """A ClientState as plain tensors, numbers, strings, lists and dicts (for checkpoints and Flower)."""
+    return {"client_id": state.client_id, "seen": [list(k) for k in state.seen],
+            "buffer": None if state.buffer is None else state.buffer.state_dict(), "extra": state.extra,
+            "rng": state.rng.get_state()}
+
+
+def from_state_dict(d):
+    """The ClientState that `state_dict` described."""
+    buffer = None
+    if d["buffer"] is not None:
+        buffer = Buffer(d["buffer"]["m_per_class"], d["buffer"]["rule"], d["buffer"]["seed"])
+        buffer.load_state_dict(d["buffer"])
+    rng = torch.Generator()
+    rng.set_state(d["rng"])
+    return ClientState(int(d["client_id"]), [tuple(k) for k in d["seen"]], buffer, d["extra"], rng)
 
 
 def param_names(model):
@@ -190,12 +215,14 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras):
     return {**d_cur, **{n: cfg.eta_t * matched[n] for n in params}}, info
 
 
-def client_update(model, theta, state, x, y, classes, cfg, generator):
-    """One round of client k on its current task (data x, y of classes `classes`).
+def client_update(model, theta, state, x, y, classes, cfg):
+    """One round of client k on its current task (data x, y of classes `classes`). Every random
+    draw (batch order, MixStyle, A-GEM's memory batch) comes from the client's own `state.rng`,
+    so a client's update depends on its own state only, wherever it runs (fcl_loop or Flower).
 
     Returns (update Δ = θ_k − θ: {name: tensor}, info: dict with at least "loss").
     """
-    key = task_key(classes)
+    key, generator = task_key(classes), state.rng
     if key not in state.seen:
         state.seen.append(key)
     device = next(model.parameters()).device

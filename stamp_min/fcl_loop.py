@@ -170,7 +170,7 @@ def run(cfg, dataset=None):
     start = time.perf_counter()
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)  # batches, client sampling, MixStyle
+    gen = torch.Generator().manual_seed(cfg.seed)  # client sampling (each client has its own: ClientState.rng)
 
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
     if cfg.validation:
@@ -209,7 +209,7 @@ def run(cfg, dataset=None):
         for k in ids:
             task = scenario.tasks[k][t]
             x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
-            delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg, gen)
+            delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
             updates.append(delta)
             weights.append(len(y))
             infos.append(info)

@@ -75,7 +75,7 @@ def test_tam_with_one_previous_task_equals_a_hand_computation(c):
     model, theta, state, x, y = two_task_client(cfg)
     (_, xm, ym), = list(state.buffer)
     assert len(ym) == 6                                        # 3 per class kept
-    delta, info = client_update(model, theta, state, x, y, (2,), cfg, torch.Generator().manual_seed(1))
+    delta, info = client_update(model, theta, state, x, y, (2,), cfg)
     W0, b0 = theta["head.weight"], theta["head.bias"]
     flat = lambda W, b: torch.cat([(W - W0.double()).flatten(), (b - b0.double())])
     d_old = flat(*gd_reference(W0, b0, xm, ym, cfg.lr, 2, 3))   # both start from θ
@@ -91,7 +91,7 @@ def test_tam_authors_variant_starts_old_clones_after_the_current_task():
     model, theta, state, x, y = two_task_client(cfg)
     (key, xf, yf), = [(k, *v) for k, v in state.extra["full"].items()]
     assert key == (0, 1) and len(yf) == 8                       # all old-task data, no coreset
-    delta, _ = client_update(model, theta, state, x, y, (2,), cfg, torch.Generator().manual_seed(1))
+    delta, _ = client_update(model, theta, state, x, y, (2,), cfg)
     W0, b0 = theta["head.weight"], theta["head.bias"]
     Wc, bc = gd_reference(W0, b0, x, y, cfg.lr, 2, 3)
     Wo, bo = gd_reference(Wc.float(), bc.float(), xf, yf, cfg.lr, 2, 3)
@@ -104,9 +104,25 @@ def test_task_zero_has_nothing_to_match():
     model = linear_model()
     theta = float_state(model)
     x, y = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2] * 2)
-    delta, _ = client_update(model, theta, new_state(0, cfg), x, y, (0, 1, 2), cfg, torch.Generator().manual_seed(0))
+    delta, _ = client_update(model, theta, new_state(0, cfg), x, y, (0, 1, 2), cfg)
     W, _ = gd_reference(theta["head.weight"], theta["head.bias"], x, y, cfg.lr, 2, 3)
     assert torch.allclose(delta["head.weight"].double(), 1.5 * (W - theta["head.weight"].double()), atol=1e-5)
+
+
+def test_a_clients_update_depends_on_its_own_state_only():
+    # every random draw (batch order, MixStyle) comes from ClientState.rng: client 1's update is the
+    # same whether or not client 0 trained before it (what lets Flower run clients anywhere)
+    cfg = tiny_cfg(method="stamp", batch_size=2, mixstyle=True)
+    model = linear_model()
+    theta = float_state(model)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 2, 2, generator=g), torch.tensor([0, 1] * 4)
+    alone = client_update(model, theta, new_state(1, cfg), x, y, (0, 1), cfg)[0]
+    client_update(model, theta, new_state(0, cfg), x, y, (0, 1), cfg)
+    after_other = client_update(model, theta, new_state(1, cfg), x, y, (0, 1), cfg)[0]
+    other_client = client_update(model, theta, new_state(0, cfg), x, y, (0, 1), cfg)[0]
+    assert all(torch.equal(alone[n], after_other[n]) for n in alone)
+    assert not torch.equal(alone["head.weight"], other_client["head.weight"])   # streams differ per client
 
 
 def _updates(n=3, seed=0):
@@ -207,7 +223,7 @@ def test_replay_trains_on_the_buffer_too(monkeypatch):
         seen["y"] = yy
         return real(m, xx, yy, *a, **k)
     monkeypatch.setattr(client, "local_train", spy)
-    client_update(model, theta, state, x, y, (2,), cfg, torch.Generator().manual_seed(0))
+    client_update(model, theta, state, x, y, (2,), cfg)
     assert sorted(seen["y"].tolist()) == sorted(y.tolist() + [0, 0, 0, 1, 1, 1])
 
 
@@ -253,10 +269,10 @@ def test_tam_matches_weights_only_and_keeps_batchnorm_statistics_as_trained():
     state.seen.append((0, 1))
     end_task(model, theta, state, torch.randn(8, 1, 2, 2, generator=g), torch.tensor([0, 1] * 4), (0, 1), cfg)
     x, y = torch.randn(6, 1, 2, 2, generator=g), torch.tensor([2] * 6)
-    delta, _ = client_update(model, theta, state, x, y, (2,), cfg, torch.Generator().manual_seed(1))
+    delta, _ = client_update(model, theta, state, x, y, (2,), cfg)
     # the current-task clone alone, replayed with the same generator: its statistics must be what we got
     from stamp_min.client import train_from
-    d_cur, _ = train_from(model, theta, theta, x, y, cfg, torch.Generator().manual_seed(1))
+    d_cur, _ = train_from(model, theta, theta, x, y, cfg, new_state(0, cfg).rng)   # the client's fresh stream
     for name in ("body.1.running_mean", "body.1.running_var"):
         assert torch.equal(delta[name], d_cur[name])
     assert (theta["body.1.running_var"] + delta["body.1.running_var"]).min() > 0
