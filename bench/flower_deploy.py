@@ -1,0 +1,165 @@
+"""Deployment check: a real Flower federation on this machine, every part its own process.
+
+    python bench/flower_deploy.py            # about 1-2 min on 2 cores; needs requirements-flower.txt
+
+Starts, on loopback:  1 SuperLink (flower-superlink --insecure, HTTP API on a free port)
+                      2 SuperNodes (flower-supernode --node-config "partition-id=k num-partitions=2")
+then submits, with `flwr run flower <connection> --stream` (the Flower App in flower/, settings
+through --run-config), first a job with an unknown method, which must fail with the reason in
+its log and leave the federation running, then a tiny STAMP job, which must finish with
+sensible accuracy and with fcl_loop's accuracy matrix (same job, one thread). It stops every
+process it started (their process groups, then any process that still has our FLWR_HOME). Exit 0: all good; 1: a check failed; the logs of
+every process are printed on failure. The whole check is bounded by --timeout seconds.
+
+This is what a real deployment runs, with the machines' addresses in place of 127.0.0.1 and TLS
+in place of --insecure (see the README, "Outgrowing one machine").
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+JOB = {"method": "stamp", "num-clients": 2, "num-tasks": 2, "classes-per-task": 2, "rounds-per-task": 3,
+       "local-epochs": 2, "batch-size": 16, "buffer-per-class": 5, "device": "cpu"}
+MIN_ACCURACY = 0.5      # digits, 2 tasks: chance is at most 0.25 per task; fcl_loop reaches 0.676 here
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ours(home):
+    """Processes whose environment has our FLWR_HOME (what Flower spawned, in any process group)."""
+    mark, found = f"FLWR_HOME={home}".encode(), []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int(d.name) != os.getpid() and mark in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+def in_process(job):
+    """fcl_loop's accuracy matrix for the same job (one thread, as the SuperNodes run)."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from stamp_min.fcl_loop import Config, run
+    torch.set_num_threads(1)
+    cfg = Config(**{k.replace("-", "_"): v for k, v in job.items()}, quiet=True, plot=False)
+    return run(cfg)["acc_matrix"]
+
+
+def toml_value(v):
+    return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds for the whole check (default 300)")
+    args = ap.parse_args()
+    deadline = time.monotonic() + args.timeout
+    tmp = Path(tempfile.mkdtemp(prefix="stamp_flower_"))
+    home = tmp / "flwr-home"                           # our own FLWR_HOME: ~/.flwr is never touched
+    home.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+           "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    link = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    procs, logs = {}, {}
+
+    def start(name, cmd):
+        logs[name] = open(tmp / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=logs[name], stderr=subprocess.STDOUT,
+                                       start_new_session=True)   # own process group: stopped as a whole
+
+    def submit(name, job):
+        """`flwr run` of one job; retried while the SuperLink is still starting. Returns its log."""
+        run_config = " ".join(f"{k}={toml_value(v)}" for k, v in job.items())
+        while True:
+            dead = [n for n, p in procs.items() if n.startswith(("superlink", "supernode")) and p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} stopped")
+            start(name, [BIN / "flwr", "run", str(ROOT / "flower"), "loopback", "--run-config", run_config, "--stream"])
+            while procs[name].poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not finish within {args.timeout:.0f} s")
+                time.sleep(1)
+            text = (tmp / f"{name}.log").read_text()
+            if "SuperLink is unavailable" not in text:
+                return text
+            time.sleep(2)
+
+    out = tmp / "results.json"
+    ok, why = False, ""
+    try:
+        start("superlink", [BIN / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                            "--database", str(tmp / "state.db")])
+        for k in range(2):
+            start(f"supernode{k}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                    "--host", "127.0.0.1", "--port", str(free_port()),
+                                    "--node-config", f"partition-id={k} num-partitions=2"])
+        # 1. bad input: the run fails with the reason in its log, and the federation stays up
+        t0 = time.monotonic()
+        bad = submit("bad-run", {**JOB, "method": "sgd", "out": str(tmp / "bad.json")})
+        bad_ok = "method='sgd' is unknown" in bad and not (tmp / "bad.json").exists()
+        line = next((ln.strip() for ln in bad.splitlines() if "is unknown" in ln), "(no such line)")
+        print(f"bad input (method='sgd'): {'refused' if bad_ok else 'NOT refused clearly'} in "
+              f"{time.monotonic() - t0:.0f} s; flwr run's log says: {line}")
+        # 2. the real job
+        t0 = time.monotonic()
+        submit("flwr-run", {**JOB, "out": str(out)})
+        if not out.exists():
+            why = "the run ended without results"
+        else:
+            res = json.loads(out.read_text())
+            acc = res["avg_accuracy"]
+            ref = in_process(JOB)
+            same = all(abs(a - b) < 1e-9 for ra, rb in zip(res["acc_matrix"], ref) for a, b in zip(ra, rb) if a is not None)
+            ok = bad_ok and same and res["engine"] == "flower" and acc >= MIN_ACCURACY
+            why = (f"run finished in {time.monotonic() - t0:.0f} s: average accuracy {acc:.3f} (needs >= {MIN_ACCURACY}); "
+                   f"accuracy matrix {res['acc_matrix']}, {'equal to' if same else 'NOT equal to'} fcl_loop's {ref}")
+    except RuntimeError as e:
+        why = str(e)
+    finally:
+        for name, p in procs.items():                      # stop everything we started
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        time.sleep(2)
+        for name, p in procs.items():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+        left = ours(home)
+        for pid in left:                                   # anything that left our process groups
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for f in logs.values():
+            f.close()
+    print(("OK: " if ok else "FAILED: ") + why)
+    print(f"processes started: {', '.join(procs)}; all stopped (stray processes killed: {len(left)})")
+    if not ok:
+        for name in procs:
+            print(f"----- {name} log (last 40 lines)")
+            print("\n".join((tmp / f"{name}.log").read_text().splitlines()[-40:]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""STAMP on Flower (stamp_min/flower_app.py) against the in-process loop it must equal.
+
+Needs the optional Flower install (pip install -r requirements-flower.txt); skipped without it.
+Each simulation starts Flower's simulation engine (Ray): about 15-30 s on 2 cores.
+"""
+
+import json
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is optional: pip install -r requirements-flower.txt")
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+
+from stamp_min import UserError  # noqa: E402
+from stamp_min.client import new_state  # noqa: E402
+from stamp_min.coreset import task_key  # noqa: E402
+from stamp_min.fcl_loop import Config, run  # noqa: E402
+from stamp_min.flower_app import (FLOWER_SKIPS, config_from, make_client_app, make_server_app, restore_client,  # noqa: E402
+                                  save_client)
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+           "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}}
+
+
+def small(**kw):
+    return Config(dataset="digits", num_clients=2, num_tasks=2, classes_per_task=2, rounds_per_task=2, local_epochs=1,
+                  batch_size=32, buffer_per_class=5, device="cpu", plot=False, quiet=True, **kw)
+
+
+def simulate(cfg, out, client_cfg=None):
+    cfg = replace(cfg, out=str(out))
+    run_simulation(make_server_app(cfg), make_client_app(client_cfg or cfg), num_supernodes=cfg.num_clients,
+                   backend_config=BACKEND)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "stamp"])
+def test_flower_simulation_equals_the_loop(method, tmp_path):
+    cfg = small(method=method)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # Flower's clients run with one thread each (Ray actors, num_cpus=1)
+    try:
+        ref = run(replace(cfg, checkpoint_dir=str(tmp_path / "ckpt")))
+    finally:
+        torch.set_num_threads(threads)
+    theta_ref = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["progress"]["theta"]
+
+    simulate(cfg, tmp_path / "flower.json")
+    res = json.loads((tmp_path / "flower.json").read_text())
+    theta = torch.load(tmp_path / "flower_model.pt", weights_only=True)
+
+    assert res["engine"] == "flower" and res["scenario"] == ref["scenario"]
+    assert sorted(theta) == sorted(theta_ref)
+    for name in theta_ref:
+        assert torch.allclose(theta[name], theta_ref[name], rtol=1e-5, atol=1e-6), name
+    acc = [[float("nan") if a is None else a for a in row] for row in res["acc_matrix"]]    # JSON null = NaN
+    assert torch.allclose(torch.tensor(acc), torch.tensor(ref["acc_matrix"]), atol=1e-9, equal_nan=True)
+    assert [r["clients"] for r in res["rounds"]] == [r["clients"] for r in ref["rounds"]]
+    for a, b in zip(res["rounds"], ref["rounds"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["current_task_acc"] == pytest.approx(b["current_task_acc"])
+    assert res["comm_bytes"] == ref["comm_bytes"]
+
+
+def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
+    # the ClientApps were started with another seed: their scenario disagrees with the server's
+    with pytest.raises(Exception) as err:
+        simulate(small(method="stamp"), tmp_path / "bad.json", client_cfg=small(method="stamp", seed=1))
+    print(err.value)
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_unknown_method_is_refused_before_anything_runs():
+    with pytest.raises(UserError, match="method='sgd' is unknown"):
+        config_from({"method": "sgd"})
+    with pytest.raises(UserError, match="run config gm_z"):
+        config_from({"gm_z": 1.0})
+    assert config_from({"gm-c": 0.5, "num-clients": 3}) == replace(Config(), gm_c=0.5, num_clients=3)
+
+
+def test_client_state_round_trips_through_flower_records_and_bad_state_is_a_clear_error():
+    cfg = small(method="ewc")
+    state = new_state(1, cfg)
+    state.seen.append(task_key((3, 4)))
+    state.extra = {"ewc_fisher": {"w": torch.rand(3)}, "full": {(3, 4): (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([3, 4]))}}
+    torch.randperm(10, generator=state.rng)             # move the stream on
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    save_client(ctx, state)
+    assert isinstance(ctx.state["client.tensors"], ArrayRecord)       # plain tensors in context.state
+    back = restore_client(ctx, 1, cfg)
+    assert back.seen == state.seen and back.client_id == 1
+    assert torch.equal(back.rng.get_state(), state.rng.get_state())
+    assert torch.equal(back.extra["ewc_fisher"]["w"], state.extra["ewc_fisher"]["w"])
+    assert torch.equal(back.extra["full"][(3, 4)][1], torch.tensor([3, 4]))
+
+    with pytest.raises(UserError, match="belongs to client 1"):
+        restore_client(ctx, 0, cfg)
+    ctx.state["client.skeleton"] = ConfigRecord({"json": "{not json", "format": "stamp_min-client-v1"})
+    with pytest.raises(UserError, match="cannot be restored"):
+        restore_client(ctx, 1, cfg)
+
+
+def test_the_flower_app_project_lists_every_setting_with_the_loops_default():
+    app = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "stamp_min.flower_app:server_app", "clientapp": "stamp_min.flower_app:client_app"}
+    expected = {f.name.replace("_", "-"): f.default for f in fields(Config) if f.name not in FLOWER_SKIPS}
+    assert app["config"] == {**expected, "method": "stamp"}
+
+
+def test_loopback_deployment_superlink_two_supernodes_and_flwr_run():
+    # bench/flower_deploy.py: real processes, a bad job refused, a tiny STAMP job, everything stopped
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "flower_deploy.py"), "--timeout", "400"],
+                       capture_output=True, text=True, timeout=480)
+    print(p.stdout[-3000:], p.stderr[-3000:])
+    assert p.returncode == 0 and "OK: run finished" in p.stdout and "NOT" not in p.stdout
+    assert "bad input (method='sgd'): refused" in p.stdout
