@@ -18,6 +18,7 @@ in place of --insecure (see the README, "Outgrowing one machine").
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -114,8 +115,9 @@ def main():
         # 1. bad input: the run fails with the reason in its log, and the federation stays up
         t0 = time.monotonic()
         bad = submit("bad-run", {**JOB, "method": "sgd", "out": str(tmp / "bad.json")})
-        bad_ok = "method='sgd' is unknown" in bad and not (tmp / "bad.json").exists()
-        line = next((ln.strip() for ln in bad.splitlines() if "is unknown" in ln), "(no such line)")
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", bad)               # without the log's colour codes
+        bad_ok = "stamp_min: method='sgd' is unknown" in plain and not (tmp / "bad.json").exists()
+        line = next((ln.strip() for ln in plain.splitlines() if "stamp_min: method='sgd'" in ln), "(no such line)")
         print(f"bad input (method='sgd'): {'refused' if bad_ok else 'NOT refused clearly'} in "
               f"{time.monotonic() - t0:.0f} s; flwr run's log says: {line}")
         # 2. the real job

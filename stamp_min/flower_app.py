@@ -27,6 +27,7 @@ aggregates the updates in client order, as the loop does (tests/test_flower.py c
 
 import json
 import time
+from logging import ERROR
 from dataclasses import asdict, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -323,6 +325,13 @@ def make_server_app(base=Config()):
 
     @app.main()
     def main(grid: Grid, context: Context):
+        try:
+            run(grid, context)
+        except UserError as e:                      # one plain line in the log, above Flower's traceback
+            log(ERROR, "stamp_min: %s", e)
+            raise
+
+    def run(grid, context):
         start = time.perf_counter()
         cfg = config_from(context.run_config, base)
         out = Path(cfg.out or f"results/{cfg.dataset}_{cfg.method}_seed{cfg.seed}_flower.json")

@@ -70,9 +70,8 @@ def test_flower_simulation_equals_the_loop(method, tmp_path):
 
 def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
     # the ClientApps were started with another seed: their scenario disagrees with the server's
-    with pytest.raises(Exception) as err:
+    with pytest.raises(UserError, match=r"a client failed .*the server sends classes .* but this client's scenario has"):
         simulate(small(method="stamp"), tmp_path / "bad.json", client_cfg=small(method="stamp", seed=1))
-    print(err.value)
     assert not (tmp_path / "bad.json").exists()
 
 
