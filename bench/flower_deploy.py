@@ -62,6 +62,15 @@ def in_process(job):
     return run(cfg)["acc_matrix"]
 
 
+def same_matrix(flower, loop):
+    """Equal accuracy matrices: same shape, same numbers (JSON null = NaN), to 1e-9."""
+    nan = float("nan")
+    a = [[nan if v is None else v for v in row] for row in flower]
+    b = [[nan if v is None or v != v else v for v in row] for row in loop]
+    return [len(r) for r in a] == [len(r) for r in b] and all(
+        (x != x and y != y) or abs(x - y) < 1e-9 for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
 def toml_value(v):
     return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -82,6 +91,8 @@ def main():
     procs, logs = {}, {}
 
     def start(name, cmd):
+        if name in logs:
+            logs[name].close()
         logs[name] = open(tmp / f"{name}.log", "w")
         procs[name] = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=logs[name], stderr=subprocess.STDOUT,
                                        start_new_session=True)   # own process group: stopped as a whole
@@ -90,6 +101,8 @@ def main():
         """`flwr run` of one job; retried while the SuperLink is still starting. Returns its log."""
         run_config = " ".join(f"{k}={toml_value(v)}" for k, v in job.items())
         while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink did not accept {name} within {args.timeout:.0f} s")
             dead = [n for n, p in procs.items() if n.startswith(("superlink", "supernode")) and p.poll() is not None]
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} stopped")
@@ -103,8 +116,12 @@ def main():
                 return text
             time.sleep(2)
 
+    def stop(signum, frame):                               # SIGTERM: clean up like any failure
+        raise RuntimeError(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     out = tmp / "results.json"
-    ok, why = False, ""
+    ok, why, left = False, "", []
     try:
         start("superlink", [BIN / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
                             "--database", str(tmp / "state.db")])
@@ -129,23 +146,26 @@ def main():
             res = json.loads(out.read_text())
             acc = res["avg_accuracy"]
             ref = in_process(JOB)
-            same = all(abs(a - b) < 1e-9 for ra, rb in zip(res["acc_matrix"], ref) for a, b in zip(ra, rb) if a is not None)
+            same = same_matrix(res["acc_matrix"], ref)
             ok = bad_ok and same and res["engine"] == "flower" and acc >= MIN_ACCURACY
             why = (f"run finished in {time.monotonic() - t0:.0f} s: average accuracy {acc:.3f} (needs >= {MIN_ACCURACY}); "
                    f"accuracy matrix {res['acc_matrix']}, {'equal to' if same else 'NOT equal to'} fcl_loop's {ref}")
     except RuntimeError as e:
         why = str(e)
     finally:
-        for name, p in procs.items():                      # stop everything we started
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        time.sleep(2)
-        for name, p in procs.items():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # nothing interrupts the clean-up
+        for sig in (signal.SIGTERM, signal.SIGKILL):       # stop everything we started, gently first
+            for p in procs.values():
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(2 if sig == signal.SIGTERM else 0)
+        for p in procs.values():
             try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 pass
-            p.wait(timeout=10)
         left = ours(home)
         for pid in left:                                   # anything that left our process groups
             try:

@@ -22,8 +22,8 @@ from stamp_min import UserError  # noqa: E402
 from stamp_min.client import new_state  # noqa: E402
 from stamp_min.coreset import task_key  # noqa: E402
 from stamp_min.fcl_loop import Config, run  # noqa: E402
-from stamp_min.flower_app import (FLOWER_SKIPS, config_from, make_client_app, make_server_app, restore_client,  # noqa: E402
-                                  save_client)
+from stamp_min.flower_app import (FLOWER_ONLY, FLOWER_SKIPS, config_from, make_client_app, make_server_app,  # noqa: E402
+                                  restore_client, save_client, settings)
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -31,8 +31,9 @@ BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
 
 
 def small(**kw):
-    return Config(dataset="digits", num_clients=2, num_tasks=2, classes_per_task=2, rounds_per_task=2, local_epochs=1,
-                  batch_size=32, buffer_per_class=5, device="cpu", plot=False, quiet=True, **kw)
+    base = dict(dataset="digits", num_clients=2, num_tasks=2, classes_per_task=2, rounds_per_task=2, local_epochs=1,
+                batch_size=32, buffer_per_class=5, device="cpu", plot=False, quiet=True)
+    return Config(**{**base, **kw})
 
 
 def simulate(cfg, out, client_cfg=None):
@@ -41,9 +42,12 @@ def simulate(cfg, out, client_cfg=None):
                    backend_config=BACKEND)
 
 
-@pytest.mark.parametrize("method", ["fedavg", "stamp"])
-def test_flower_simulation_equals_the_loop(method, tmp_path):
-    cfg = small(method=method)
+@pytest.mark.parametrize("method,clients,participation", [
+    ("fedavg", 2, 1.0), ("stamp", 2, 1.0),
+    ("lwf", 3, 0.67),         # a baseline with state, 2 of 3 clients a round: some skip a task's end_task
+    ("stamp", 3, 0.34)])      # 1 of 3 clients a round: SAM passes a single update through
+def test_flower_simulation_equals_the_loop(method, clients, participation, tmp_path):
+    cfg = small(method=method, num_clients=clients, participation=participation)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # Flower's clients run with one thread each (Ray actors, num_cpus=1)
     try:
@@ -65,7 +69,8 @@ def test_flower_simulation_equals_the_loop(method, tmp_path):
     assert [r["clients"] for r in res["rounds"]] == [r["clients"] for r in ref["rounds"]]
     for a, b in zip(res["rounds"], ref["rounds"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["current_task_acc"] == pytest.approx(b["current_task_acc"])
-    assert res["comm_bytes"] == ref["comm_bytes"]
+    for key in ("comm_bytes", "buffer_bytes", "current_task_accuracy"):
+        assert res[key] == pytest.approx(ref[key]), key
 
 
 def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
@@ -75,12 +80,19 @@ def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
-def test_unknown_method_is_refused_before_anything_runs():
+def test_bad_settings_are_one_line_errors_and_types_are_checked():
     with pytest.raises(UserError, match="method='sgd' is unknown"):
         config_from({"method": "sgd"})
     with pytest.raises(UserError, match="run config gm_z"):
         config_from({"gm_z": 1.0})
-    assert config_from({"gm-c": 0.5, "num-clients": 3}) == replace(Config(), gm_c=0.5, num_clients=3)
+    with pytest.raises(UserError, match="mixstyle='false' is not a bool"):
+        config_from({"mixstyle": "false"})
+    with pytest.raises(UserError, match="num-clients=2.5 is not a int"):
+        config_from({"num-clients": 2.5})
+    with pytest.raises(UserError, match="reply-timeout=0.0 must be positive"):
+        settings({"reply-timeout": 0})
+    cfg, extra = settings({"gm-c": 1, "num-clients": 3, "reply-timeout": 30})      # an int is a fine float
+    assert cfg == replace(Config(), gm_c=1.0, num_clients=3) and extra == {"reply_timeout": 30.0}
 
 
 def test_client_state_round_trips_through_flower_records_and_bad_state_is_a_clear_error():
@@ -90,32 +102,43 @@ def test_client_state_round_trips_through_flower_records_and_bad_state_is_a_clea
     state.extra = {"ewc_fisher": {"w": torch.rand(3)}, "full": {(3, 4): (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([3, 4]))}}
     torch.randperm(10, generator=state.rng)             # move the stream on
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
-    save_client(ctx, state)
+    assert restore_client(ctx, 1, cfg, done=0).seen == []            # first message: a fresh state
+    with pytest.raises(UserError, match="state of 3 earlier messages is gone"):
+        restore_client(ctx, 1, cfg, done=3)
+    save_client(ctx, state, done=3)
     assert isinstance(ctx.state["client.tensors"], ArrayRecord)       # plain tensors in context.state
-    back = restore_client(ctx, 1, cfg)
+    back = restore_client(ctx, 1, cfg, done=3)
     assert back.seen == state.seen and back.client_id == 1
     assert torch.equal(back.rng.get_state(), state.rng.get_state())
     assert torch.equal(back.extra["ewc_fisher"]["w"], state.extra["ewc_fisher"]["w"])
     assert torch.equal(back.extra["full"][(3, 4)][1], torch.tensor([3, 4]))
 
     with pytest.raises(UserError, match="belongs to client 1"):
-        restore_client(ctx, 0, cfg)
-    ctx.state["client.skeleton"] = ConfigRecord({"json": "{not json", "format": "stamp_min-client-v1"})
+        restore_client(ctx, 0, cfg, done=3)
+    with pytest.raises(UserError, match="from after message 3, the server counts 4"):
+        restore_client(ctx, 1, cfg, done=4)
+    ctx.state["client.skeleton"] = ConfigRecord({"json": "{not json", "format": "stamp_min-client-v1", "done": 3})
     with pytest.raises(UserError, match="cannot be restored"):
-        restore_client(ctx, 1, cfg)
+        restore_client(ctx, 1, cfg, done=3)
 
 
 def test_the_flower_app_project_lists_every_setting_with_the_loops_default():
     app = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "stamp_min.flower_app:server_app", "clientapp": "stamp_min.flower_app:client_app"}
     expected = {f.name.replace("_", "-"): f.default for f in fields(Config) if f.name not in FLOWER_SKIPS}
+    expected.update({n.replace("_", "-"): v for n, v in FLOWER_ONLY.items()})
     assert app["config"] == {**expected, "method": "stamp"}
 
 
 def test_loopback_deployment_superlink_two_supernodes_and_flwr_run():
     # bench/flower_deploy.py: real processes, a bad job refused, a tiny STAMP job, everything stopped
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "flower_deploy.py"), "--timeout", "400"],
-                       capture_output=True, text=True, timeout=480)
-    print(p.stdout[-3000:], p.stderr[-3000:])
-    assert p.returncode == 0 and "OK: run finished" in p.stdout and "NOT" not in p.stdout
-    assert "bad input (method='sgd'): refused" in p.stdout
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "flower_deploy.py"), "--timeout", "400"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        p.terminate()                       # the script stops its SuperLink and SuperNodes on SIGTERM
+        out, _ = p.communicate(timeout=60)
+    print(out[-4000:])
+    assert p.returncode == 0 and "OK: run finished" in out and "NOT" not in out
+    assert "bad input (method='sgd'): refused" in out
