@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +57,10 @@ def in_process(job):
     """fcl_loop's accuracy matrix for the same job (one thread, as the SuperNodes run)."""
     import torch
     sys.path.insert(0, str(ROOT))
-    from stamp_min.fcl_loop import Config, run
+    from stamp_min.fcl_loop import run
+    from stamp_min.flower_app import config_from
     torch.set_num_threads(1)
-    cfg = Config(**{k.replace("-", "_"): v for k, v in job.items()}, quiet=True, plot=False)
-    return run(cfg)["acc_matrix"]
+    return run(replace(config_from(job), quiet=True, plot=False))["acc_matrix"]
 
 
 def same_matrix(flower, loop):

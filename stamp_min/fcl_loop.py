@@ -161,6 +161,49 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def device_of(cfg):
+    """The torch device of a run: cuda if asked for, or if available with device='auto'."""
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def build(cfg, dataset=None):
+    """(dataset, scenario, model holding θ_0, on the CPU) of an experiment, from the settings and
+    the seed alone: fcl_loop and every Flower app build the same. dataset: as in `run`."""
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    if cfg.validation:
+        ds = validation_split(ds)     # tune on held-out training images; the test split is never seen
+    scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
+                             cfg.alpha, cfg.share_samples, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)                                   # θ_0
+    model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, ds.mean, ds.std)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return ds, scenario, model
+
+
+def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, aggregate_seconds):
+    """A round's entry in the results' "rounds" (current_task_acc and seconds are added after the
+    evaluation). infos: the clients' `client_update` infos; G, p_updates, p_step: the Gram matrix,
+    updates and server step over the trainable weights."""
+    return {"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
+            "train_images": sum(weights), "client_seconds": client_seconds,
+            "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos), "aggregate_seconds": aggregate_seconds,
+            # conflict: between client updates, and between each update and the server step
+            "spatial_cos": gradmatch.mean_pairwise_cosine(G), "spatial_agreement": gradmatch.agreement(p_updates, p_step),
+            # between a client's task updates, and between each and its matched update (TAM)
+            "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
+            "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)}
+
+
+def results(cfg, scenario, acc, round_acc, log, comm, buffer_bytes, wall_time_s, peak_gpu_memory_bytes=None):
+    """The results dict (what the CLI writes to JSON)."""
+    return {"config": asdict(cfg), "acc_matrix": acc.tolist(), **summary(acc),
+            "current_task_accuracy": current_task_accuracy(round_acc), "comm_bytes": comm,
+            "buffer_bytes": buffer_bytes, "wall_time_s": wall_time_s, "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
+            "rounds": log, "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
+            "versions": run_info()}
+
+
 def run(cfg, dataset=None):
     """Run one experiment; returns the results as a dict (what the CLI writes to JSON).
 
@@ -168,23 +211,15 @@ def run(cfg, dataset=None):
     cfg.validate()
     say = (lambda *a: None) if cfg.quiet else print
     start = time.perf_counter()
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    torch.manual_seed(cfg.seed)
+    device = device_of(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # client sampling (each client has its own: ClientState.rng)
-
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
-    if cfg.validation:
-        ds = validation_split(ds)     # tune on held-out training images; the test split is never seen
-    scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
-                             cfg.alpha, cfg.share_samples, seed=cfg.seed)
+    ds, scenario, model = build(cfg, dataset)
+    model = model.to(device)
     T, K, R = scenario.num_tasks, scenario.num_clients, cfg.rounds_per_task
     say(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images, {ds.num_classes} classes; "
         f"{cfg.scenario} scenario, {K} clients x {T} tasks (class ids, training images):")
     say(scenario.table())
 
-    model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, ds.mean, ds.std).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         ds = to_device_if_small(ds, device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -222,16 +257,8 @@ def run(cfg, dataset=None):
         load_state(model, theta)
         cur = task_accuracy(model, ds, scenario, t)
         st["round_acc"][t].append(cur)
-        st["log"].append({"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
-                          "current_task_acc": cur, "seconds": time.perf_counter() - t0,
-                          "train_images": sum(weights), "client_seconds": t1 - t0, "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos),
-                          "aggregate_seconds": t2 - t1,
-                          # conflict: between client updates, and between each update and the server step
-                          "spatial_cos": gradmatch.mean_pairwise_cosine(G),
-                          "spatial_agreement": gradmatch.agreement(p_updates, {n: step[n] for n in params}),
-                          # between a client's task updates, and between each and its matched update (TAM)
-                          "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
-                          "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)})
+        st["log"].append(round_log(t, r, ids, infos, weights, G, p_updates, {n: step[n] for n in params}, t1 - t0, t2 - t1))
+        st["log"][-1].update(current_task_acc=cur, seconds=time.perf_counter() - t0)
         say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {st['log'][-1]['loss']:.3f} | current-task acc {cur:.3f} "
             f"| spatial cos {st['log'][-1]['spatial_cos']:+.2f} | {st['log'][-1]['seconds']:.2f}s")
         st["r"] += 1
@@ -249,20 +276,9 @@ def run(cfg, dataset=None):
             checkpoint.save(cfg.checkpoint_dir, asdict(cfg),
                             {**st, "elapsed": st["elapsed"] + time.perf_counter() - start}, clients, gen)
 
-    acc = st["acc"]
-    return {
-        "config": asdict(cfg),
-        "acc_matrix": acc.tolist(),
-        **summary(acc),
-        "current_task_accuracy": current_task_accuracy(st["round_acc"]),
-        "comm_bytes": st["comm"],
-        "buffer_bytes": sum(memory_bytes(c) for c in clients),
-        "wall_time_s": st["elapsed"] + time.perf_counter() - start,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "rounds": st["log"],
-        "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
-        "versions": run_info(),
-    }
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return results(cfg, scenario, st["acc"], st["round_acc"], st["log"], st["comm"],
+                   sum(memory_bytes(c) for c in clients), st["elapsed"] + time.perf_counter() - start, peak)
 
 
 def report(res):

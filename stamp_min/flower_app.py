@@ -42,13 +42,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from . import UserError, gradmatch
-from .cli import check_writable, run_info, write_json
+from .cli import check_writable, write_json
 from .client import (client_update, end_task, float_state, from_state_dict, load_state, memory_bytes, new_state,
                      param_names, state_dict)
-from .data import load_dataset, make_scenario, validation_split
-from .fcl_loop import Config, mean, report
-from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
-from .models import build_model
+from .fcl_loop import Config, build, device_of, report, results, round_log
+from .metrics import task_accuracy, tensor_bytes
 from .server import aggregate, participants
 
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
@@ -93,21 +91,12 @@ def experiment(cfg):
 
 @lru_cache(maxsize=2)
 def _experiment(settings):
-    cfg = Config(**json.loads(settings))
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
-    if cfg.validation:
-        ds = validation_split(ds)
-    scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
-                             cfg.alpha, cfg.share_samples, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)                             # the initial model θ_0, as in fcl_loop
-    model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size, ds.mean, ds.std)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return ds, scenario, model
+    return build(Config(**json.loads(settings)))
 
 
-def device_of(cfg):
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+def on(arrays, device):
+    """An ArrayRecord as {name: tensor} on `device`."""
+    return {n: v.to(device) for n, v in arrays.to_torch_state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +197,7 @@ def make_client_app(base=Config()):
                             f"{list(task.classes)}; allowed: the same dataset, scenario and seed settings everywhere")
         state = restore_client(context, k, cfg, int(config["done"]))
         device = device_of(cfg)
-        theta = {n: v.to(device) for n, v in msg.content["arrays"].to_torch_state_dict().items()}
+        theta = on(msg.content["arrays"], device)
         data = (ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes)
         return cfg, k, model.to(device), theta, state, data
 
@@ -239,9 +228,7 @@ def make_client_app(base=Config()):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
         delta, info = client_update(model, theta, state, x, y, classes, cfg)
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
-        metrics = {"client": k, "num-examples": len(y), "loss": info["loss"], "gm-seconds": info.get("gm_seconds", 0.0)}
-        metrics.update({key.replace("_", "-"): info[key] for key in ("temporal_cos", "temporal_agreement") if key in info})
-        return reply(msg, metrics, delta)
+        return reply(msg, {"client": k, "num_examples": len(y), **info}, delta)     # info: fcl_loop's round log
 
     @app.train("end_task")
     @guarded
@@ -249,7 +236,7 @@ def make_client_app(base=Config()):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
         end_task(model, theta, state, x, y, classes, cfg)
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
-        return reply(msg, {"client": k, "memory-bytes": memory_bytes(state)})
+        return reply(msg, {"client": k, "memory_bytes": memory_bytes(state)})
 
     return app
 
@@ -339,7 +326,7 @@ class StampStrategy(Strategy):
     def configure_train(self, server_round, arrays, config, grid):
         t, r = self.task_round(server_round)
         self.ids = participants(len(self.nodes), self.cfg.participation, self.gen)
-        self.theta = {n: v.to(self.device) for n, v in arrays.to_torch_state_dict().items()}
+        self.theta = on(arrays, self.device)
         self.t0 = time.perf_counter()
         return self.messages(arrays, t, r, self.ids, MessageType.TRAIN)
 
@@ -347,22 +334,15 @@ class StampStrategy(Strategy):
         t, r = self.task_round(server_round)
         replies = self.replies(replies, len(self.ids))
         t1 = time.perf_counter()
-        updates = [{n: v.to(self.device) for n, v in m.content["arrays"].to_torch_state_dict().items()} for m in replies]
-        weights = [int(m.content["metrics"]["num-examples"]) for m in replies]
-        metrics = [m.content["metrics"] for m in replies]
+        updates = [on(m.content["arrays"], self.device) for m in replies]
+        infos = [dict(m.content["metrics"]) for m in replies]
+        weights = [int(i["num_examples"]) for i in infos]
         p_updates = [{n: u[n] for n in self.params} for u in updates]
         G = gradmatch.gram(p_updates)                     # (K, K) over the weights: diagnostics, and SAM's G
         theta, step = aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G)
         self.comm += 2 * tensor_bytes(theta) * len(self.ids)     # θ down, Δ up, per participant (as fcl_loop)
-        self.log.append({"task": t, "round": r, "clients": self.ids, "loss": mean(float(m["loss"]) for m in metrics),
-                         "train_images": sum(weights), "client_seconds": t1 - self.t0,
-                         "gm_client_seconds": sum(float(m["gm-seconds"]) for m in metrics),
-                         "aggregate_seconds": time.perf_counter() - t1,
-                         "spatial_cos": gradmatch.mean_pairwise_cosine(G),
-                         "spatial_agreement": gradmatch.agreement(p_updates, {n: step[n] for n in self.params}),
-                         "temporal_cos": mean(float(m["temporal-cos"]) for m in metrics if "temporal-cos" in m),
-                         "temporal_agreement": mean(float(m["temporal-agreement"]) for m in metrics
-                                                    if "temporal-agreement" in m)})
+        self.log.append(round_log(t, r, self.ids, infos, weights, G, p_updates, {n: step[n] for n in self.params},
+                                  t1 - self.t0, time.perf_counter() - t1))
         return ArrayRecord({n: v.cpu() for n, v in theta.items()}), MetricRecord({"loss": self.log[-1]["loss"]})
 
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -376,7 +356,7 @@ class StampStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round, replies):
         for m in self.replies(replies, len(self.ending)):
-            self.memory[int(m.content["metrics"]["client"])] = int(m.content["metrics"]["memory-bytes"])
+            self.memory[int(m.content["metrics"]["client"])] = int(m.content["metrics"]["memory_bytes"])
         return None
 
     def evaluate(self, server_round, arrays):
@@ -384,7 +364,7 @@ class StampStrategy(Strategy):
         if server_round == 0:
             return None
         t, r = self.task_round(server_round)
-        load_state(self.model, {n: v.to(self.device) for n, v in arrays.to_torch_state_dict().items()})
+        load_state(self.model, on(arrays, self.device))
         cur = task_accuracy(self.model, self.ds, self.scenario, t)
         self.round_acc[t].append(cur)
         self.log[-1].update(current_task_acc=cur, seconds=time.perf_counter() - self.t0)
@@ -421,12 +401,8 @@ def make_server_app(base=Config()):
                                  extra["reply_timeout"])
         result = strategy.start(grid, ArrayRecord(float_state(model)), timeout=extra["reply_timeout"],
                                 num_rounds=scenario.num_tasks * cfg.rounds_per_task, evaluate_fn=strategy.evaluate)
-        res = {"config": asdict(cfg), "engine": "flower", "acc_matrix": strategy.acc.tolist(), **summary(strategy.acc),
-               "current_task_accuracy": current_task_accuracy(strategy.round_acc), "comm_bytes": strategy.comm,
-               "buffer_bytes": sum(strategy.memory.values()), "wall_time_s": time.perf_counter() - start,
-               "peak_gpu_memory_bytes": None,             # the clients' GPUs are theirs; not collected
-               "rounds": strategy.log, "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
-               "versions": run_info()}
+        res = {"engine": "flower", **results(cfg, scenario, strategy.acc, strategy.round_acc, strategy.log, strategy.comm,
+                                              sum(strategy.memory.values()), time.perf_counter() - start)}
         write_json(out, res)
         torch.save(result.arrays.to_torch_state_dict(), out.with_name(out.stem + "_model.pt"))
         for line in report(res).splitlines():
