@@ -4,7 +4,7 @@
     python bench/flora_compare.py --rounds 3 --seeds 1 --timing-size 512   # a quick look
     python bench/flora_compare.py --timing-only --out results/flora_timing.json   # part 2 alone
 
-Part 1 runs `stamp_min.flora_loop.run` (the `python -m stamp_min.flora_na` experiment, default
+Part 1 runs `stamp_min.flora_loop.run` (the `python -m stamp_min.flora_loop` experiment, default
 Config) for every aggregator on the same seeds and prints a markdown table: final global test
 accuracy and the aggregation residuals (mean over rounds) as mean ± std over seeds, bytes per
 client per round, server time per round. FLoRA-NA is run with both solvers.

@@ -3,8 +3,9 @@
 A checkpoint is one file, `<checkpoint_dir>/checkpoint.pt`, holding plain tensors, numbers,
 strings, lists, tuples and dicts only:
 
-    format      "stamp_min-checkpoint-v1"
+    format      "stamp_min-checkpoint-v3"
     config      the run's Config as a dict (a resume must use the same experiment settings)
+    rules       the qualified names of the run's five rules (a resume must run the same functions)
     progress    task t and round r to run next, the global model θ, the accuracy matrix, the
                 per-round log, bytes communicated, seconds spent so far
     clients     every ClientState (client.state_dict): seen class sets, coreset/replay buffer,
@@ -26,18 +27,19 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .client import from_state_dict, state_dict
+from .client import restore, state_dict
 
-FORMAT = "stamp_min-checkpoint-v2"   # v2: every client has its own random stream
+FORMAT = "stamp_min-checkpoint-v3"   # v2: every client has its own random stream; v3: the rules' names
 FILE = "checkpoint.pt"
 # fields that may differ between the run that saved and the run that resumes
-FREE = ("out", "quiet", "plot", "resume", "checkpoint_dir", "device")
+# (method: the checkpoint's config has the rule pair in force spelled out in client and server)
+FREE = ("out", "quiet", "plot", "resume", "checkpoint_dir", "device", "name", "method")
 
 
-def save(folder, config, progress, clients, generator):
+def save(folder, config, progress, clients, generator, rules):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "config": config, "progress": progress,
+    state = {"format": FORMAT, "config": config, "rules": rules, "progress": progress,
              "clients": [state_dict(c) for c in clients],
              "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
@@ -53,8 +55,10 @@ def save(folder, config, progress, clients, generator):
         raise
 
 
-def load(folder, config, generator):
-    """(progress, clients) from `folder`, after checking it is ours and made with `config`.
+def load(folder, config, generator, rules, clients):
+    """(progress, clients) from `folder`, after checking it is ours and made with `config` and the
+    functions named in `rules` ({keyword: qualified name}). clients: fresh ClientStates made by
+    the run's own `new_state` (so a variant's buffer object survives), filled in place.
 
     Restores the torch global RNG and `generator` in place. Any problem is a UserError."""
     path = Path(folder) / FILE
@@ -72,8 +76,19 @@ def load(folder, config, generator):
         if name not in FREE and state["config"].get(name) != value:
             raise UserError(f"{name}={value!r} differs from the checkpoint's {state['config'].get(name)!r}; "
                             f"allowed: resume with the settings of the run that saved it")
+    for key, name in rules.items():
+        if state["rules"].get(key) != name:
+            raise UserError(f"{key}={name} differs from the checkpoint's {state['rules'].get(key)}; allowed: resume "
+                            f"with the functions of the run that saved it")
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"].get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     generator.set_state(state["rng"]["generator"])
-    return state["progress"], [from_state_dict(d) for d in state["clients"]]
+    try:
+        if len(state["clients"]) != len(clients):
+            raise ValueError(f"{len(state['clients'])} clients saved, {len(clients)} in the run")
+        clients = [restore(c, d) for c, d in zip(clients, state["clients"])]
+    except Exception as e:
+        raise UserError(f"checkpoint {str(path)!r} holds client states that cannot be restored ({type(e).__name__}: "
+                        f"{e}); allowed: a file written by stamp_min --checkpoint-dir") from None
+    return state["progress"], clients

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import UserError, baselines, gradmatch
 from .coreset import Buffer, MixStyle, mixstyle, task_key
 
-TAM_METHODS = ("stamp", "stamp_tam")
+CLIENT_RULES = ("sgd", "fedprox", "ewc", "lwf", "replay", "agem", "tam")   # cfg.client_rule (config.py)
 
 
 @dataclass
@@ -49,13 +49,14 @@ def client_seed(seed, k):
 
 
 def buffer_rule(cfg):
-    """How a method fills its buffer: STAMP's coreset rule, random for ER / A-GEM, None: no buffer."""
-    if cfg.method in TAM_METHODS:
+    """How a client rule fills its buffer: TAM's coreset rule, random for ER / A-GEM, None: no buffer."""
+    if cfg.client_rule == "tam":
         return cfg.coreset_rule
-    return "random" if cfg.method in ("replay", "agem") else None
+    return "random" if cfg.client_rule in ("replay", "agem") else None
 
 
 def new_state(k, cfg):
+    """Client k's state before its first round: its buffer (if its rule keeps one) and random stream."""
     rule = buffer_rule(cfg)
     return ClientState(k, buffer=None if rule is None else Buffer(cfg.buffer_per_class, rule, seed=cfg.seed + k),
                        rng=torch.Generator().manual_seed(client_seed(cfg.seed, k)))
@@ -68,15 +69,20 @@ def state_dict(state):
             "rng": state.rng.get_state()}
 
 
-def from_state_dict(d):
-    """The ClientState that `state_dict` described."""
-    buffer = None
+def restore(state, d):
+    """Fill `state`, made by the run's `new_state` (so a variant's buffer object is kept), with what
+    `state_dict` saved: the same client, seen tasks, buffer contents, baseline state, random stream."""
+    if int(d["client_id"]) != state.client_id:
+        raise ValueError(f"saved state of client {d['client_id']} restored into client {state.client_id}")
+    state.seen = [tuple(k) for k in d["seen"]]
     if d["buffer"] is not None:
-        buffer = Buffer(d["buffer"]["m_per_class"], d["buffer"]["rule"], d["buffer"]["seed"])
-        buffer.load_state_dict(d["buffer"])
-    rng = torch.Generator()
-    rng.set_state(d["rng"])
-    return ClientState(int(d["client_id"]), [tuple(k) for k in d["seen"]], buffer, d["extra"], rng)
+        if state.buffer is None:
+            state.buffer = Buffer(d["buffer"]["m_per_class"], d["buffer"]["rule"], d["buffer"]["seed"])
+        state.buffer.load_state_dict(d["buffer"])
+    state.extra = d["extra"]
+    state.rng = state.rng or torch.Generator()
+    state.rng.set_state(d["rng"])
+    return state
 
 
 def param_names(model):
@@ -177,7 +183,7 @@ def train_from(model, start, theta, x, y, cfg, generator, **hooks):
     after = float_state(model)
     delta = {n: after[n] - theta[n] for n in theta}
     if not math.isfinite(loss) or not all(torch.isfinite(d).all() for d in delta.values()):
-        raise UserError(f"lr={cfg.lr}: local training of method={cfg.method} diverged (NaN/inf); "
+        raise UserError(f"lr={cfg.lr}: local training of {cfg.label} (client rule {cfg.client_rule}) diverged (NaN/inf); "
                         f"allowed: a smaller lr or a weaker regulariser")
     return delta, loss
 
@@ -188,12 +194,12 @@ def old_tasks(state, cfg, current):
     return [(k, x, y) for k, (x, y) in memory if k != current]
 
 
-def tam_update(model, theta, state, x, y, key, cfg, generator, extras):
+def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gradmatch.match):
     """TAM (METHOD §1.3): θ_k − θ = η_t · GM(Δ_0, …, Δ_{t−1}, Δ_cur) on the trainable parameters.
 
     key: the current task's class set; every other stored task is an old task j with its own
     clone Δ_j. BatchNorm statistics are taken from Δ_cur as they are (not matched, not scaled).
-    Returns (update {name: tensor}, info)."""
+    match: the GM operator (gradmatch.match's signature). Returns (update {name: tensor}, info)."""
     d_cur, loss = train_from(model, theta, theta, x, y, cfg, generator, extra_losses=extras)
     old = old_tasks(state, cfg, key)
     params = param_names(model)
@@ -208,42 +214,43 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras):
     deltas = [{n: d[n] for n in params} for d in deltas]                   # trainable parameters only
     t0 = time.perf_counter()
     G = gradmatch.gram(deltas)                                            # (t+1, t+1)
-    matched = gradmatch.match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
-                              **gradmatch.CLIENT)
+    matched = match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G, **gradmatch.CLIENT)
     info = {"loss": loss, "gm_seconds": time.perf_counter() - t0, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
             "temporal_agreement": gradmatch.agreement(deltas, matched)}
     return {**d_cur, **{n: cfg.eta_t * matched[n] for n in params}}, info
 
 
-def client_update(model, theta, state, x, y, classes, cfg):
-    """One round of client k on its current task (data x, y of classes `classes`). Every random
-    draw (batch order, MixStyle, A-GEM's memory batch) comes from the client's own `state.rng`,
-    so a client's update depends on its own state only, wherever it runs (fcl_loop or Flower).
+def client_update(model, theta, state, x, y, classes, cfg, match=gradmatch.match):
+    """One round of client k on its current task (data x, y of classes `classes`), by the client
+    rule `cfg.client_rule`. Every random draw (batch order, MixStyle, A-GEM's memory batch) comes
+    from the client's own `state.rng`, so a client's update depends on its own state only,
+    wherever it runs (fcl_loop or Flower). match: the GM operator TAM uses.
 
     Returns (update Δ = θ_k − θ: {name: tensor}, info: dict with at least "loss").
+    A variant is a function with this signature (without `match`), passed to `fcl_loop.run`.
     """
     key, generator = task_key(classes), state.rng
     if key not in state.seen:
         state.seen.append(key)
     device = next(model.parameters()).device
     extras = [protonet_loss(cfg.protonet_weight)] if cfg.protonet_weight > 0 else []
-    if cfg.method in TAM_METHODS:
-        return tam_update(model, theta, state, x, y, key, cfg, generator, extras)
-    hooks = {}
-    if cfg.method == "fedprox":
+    rule, hooks = cfg.client_rule, {}
+    if rule == "tam":
+        return tam_update(model, theta, state, x, y, key, cfg, generator, extras, match)
+    if rule == "fedprox":
         extras.append(baselines.fedprox_loss(theta, cfg.mu))
-    elif cfg.method == "ewc" and "ewc_fisher" in state.extra:
+    elif rule == "ewc" and "ewc_fisher" in state.extra:
         extras.append(baselines.ewc_loss(state.extra, cfg.ewc_lambda, device))
-    elif cfg.method == "lwf" and "lwf_old" in state.extra:
+    elif rule == "lwf" and "lwf_old" in state.extra:
         old_model = copy.deepcopy(model)
         load_state(old_model, {n: v.to(device) for n, v in state.extra["lwf_old"].items()})
         old_classes = {c for k in state.seen if k != key for c in k}
         distil = baselines.lwf_loss(old_model.eval(), old_classes, cfg.lwf_alpha, cfg.lwf_temperature)
         extras += [distil] if distil is not None else []
-    elif cfg.method == "replay" and len(state.buffer):
+    elif rule == "replay" and len(state.buffer):
         x = torch.cat([x] + [xm.to(x.device) for _, xm, _ in state.buffer])     # the buffer lives on the CPU
         y = torch.cat([y] + [ym.to(y.device) for _, _, ym in state.buffer])
-    elif cfg.method == "agem" and len(state.buffer):
+    elif rule == "agem" and len(state.buffer):
         bx = torch.cat([xm for _, xm, _ in state.buffer])
         by = torch.cat([ym for _, _, ym in state.buffer])
         hooks["after_backward"] = baselines.agem_hook(bx, by, cfg.batch_size, generator)
@@ -252,14 +259,16 @@ def client_update(model, theta, state, x, y, classes, cfg):
 
 
 def end_task(model, theta, state, x, y, classes, cfg):
-    """End of a task, with the final global model θ: refresh the client's memory."""
+    """End of a task, with the final global model θ: refresh the client's memory (coreset, replay
+    buffer, EWC's Fisher, LwF's old model, by the client rule). Same signature for a variant."""
     load_state(model, theta)
-    key = task_key(classes)
-    if state.buffer is not None and not (cfg.method in TAM_METHODS and cfg.replay == "full"):
+    key, rule = task_key(classes), cfg.client_rule
+    full = rule == "tam" and cfg.replay == "full"
+    if state.buffer is not None and not full:
         state.buffer.add_task(model, x, y, classes)
-    if cfg.method in TAM_METHODS and cfg.replay == "full":
+    if full:
         state.extra.setdefault("full", {})[key] = (x.cpu().clone(), y.cpu().clone())
-    if cfg.method == "ewc":
+    if rule == "ewc":
         baselines.ewc_update_state(model, x, y, state.extra)
-    if cfg.method == "lwf":
+    if rule == "lwf":
         state.extra["lwf_old"] = {n: v.cpu().clone() for n, v in theta.items()}

@@ -1,164 +1,86 @@
-"""The federated continual loop, its `Config`, the CLI and the results file.
+"""The federated continual loop, the rules it runs, the CLI and the results file.
 
     for task t = 0 .. T-1:                        (each client k trains on its own task t, METHOD §1.1)
         for round r = 0 .. R-1:
             every participating client k: Δ_k = client_update(θ, its task-t data)   (client.py: TAM)
             θ ← aggregate(θ, {Δ_k}, {n_k})                                          (server.py: SAM)
-            log current-task accuracy and the conflict between updates
-        every client: end_task (refresh its coreset / baseline state)             (client.py)
+            log current-task accuracy, the conflict between updates, the step's size
+        every client that trained task t: end_task (refresh its coreset / baseline state)
         A[t, j] = accuracy of θ on task j of every client, pooled, for j <= t      (metrics.py)
 
-Methods: fedavg fedprox ewc lwf replay agem (baselines.py, FedAvg server); stamp = TAM + SAM;
-stamp_tam = TAM with a FedAvg server; stamp_sam = plain clients with the SAM server.
+The rules are arguments. `run(cfg, client_update=…, end_task=…, new_state=…, aggregate=…,
+match=…)` runs the loop with any of them replaced, for that run only; the defaults are the
+library's own (client.py, server.py, gradmatch.match), which pick the client and server rule
+named by `cfg` (config.py: `--method` presets, `--client`, `--server`). `match` is the GM operator
+that the library's TAM and SAM call. A variant is a function, e.g. a server rule:
+
+    def my_aggregate(theta, updates, weights, cfg, params=None, G=None):
+        ...
+        return new_theta, step
+    run(Config(method="stamp", name="mine"), aggregate=my_aggregate)
 
 Run it:  python -m stamp_min.fcl_loop --help
 """
 
+import re
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, replace
+from functools import partial
 
 import torch
 
-from . import UserError, checkpoint, gradmatch
+from . import checkpoint, client, gradmatch, server
 from .cli import check_writable, main, parse_config, run_info, write_json
-from .client import client_update, end_task, float_state, load_state, memory_bytes, new_state, param_names
-from .coreset import SELECTORS, task_key
-from .data import SCENARIOS, load_dataset, make_scenario, to_device_if_small, validation_split
+from .client import float_state, load_state, memory_bytes, param_names
+from .config import CHOICES, METHODS, PRESETS, Config  # noqa: F401  (public names of the loop)
+from .coreset import task_key
+from .data import load_dataset, make_scenario, to_device_if_small, validation_split
 from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
-from .models import MODELS, build_model
-from .server import aggregate, participants
+from .models import build_model
+from .server import participants
 
-METHODS = ("fedavg", "fedprox", "ewc", "lwf", "replay", "agem", "stamp", "stamp_tam", "stamp_sam")
-CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": METHODS, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
-           "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16")}
+# the library's rules: what run() uses for each keyword not given
+DEFAULTS = {"client_update": client.client_update, "end_task": client.end_task, "new_state": client.new_state,
+            "aggregate": server.aggregate, "match": gradmatch.match}
 
 
-@dataclass
-class Config:
-    """Heterogeneous federated continual learning on one machine (STAMP and baselines)."""
-    dataset: str = "digits"
-    """digits (offline, bundled with scikit-learn) | cifar10 | cifar100 | imagefolder"""
-    data_root: str = "data"
-    """folder of the dataset files (for imagefolder: the folder of class folders, or of train/ and val/)"""
-    download: bool = False
-    """download cifar10/cifar100 into data_root if missing (needs internet)"""
-    image_size: int = 32
-    """images are resized to this size (imagefolder only)"""
-    scenario: str = "permutation"
-    """permutation: each client its own random class order (heterogeneous) | dirichlet: shared order, label skew"""
-    num_clients: int = 5
-    """number of clients K"""
-    num_tasks: int = 0
-    """number of tasks T per client; 0 = as many as the classes allow (num_classes // classes_per_task)"""
-    classes_per_task: int = 2
-    """classes in each task (cpt); 2 = highly heterogeneous"""
-    alpha: float = 0.5
-    """Dirichlet concentration of the label split (scenario=dirichlet); smaller = more skewed"""
-    share_samples: bool = False
-    """give every client holding a class all its images (the authors' code) instead of a disjoint share"""
-    model: str = "cnn"
-    """backbone: cnn (2 conv layers) | resnet18 | swin_t"""
-    method: str = "fedavg"
-    """federated continual method"""
-    rounds_per_task: int = 5
-    """communication rounds R per task"""
-    local_epochs: int = 2
-    """local epochs per round on the current task"""
-    batch_size: int = 16
-    """local mini-batch size"""
-    lr: float = 0.1
-    """local SGD learning rate"""
-    momentum: float = 0.0
-    """local SGD momentum"""
-    participation: float = 1.0
-    """fraction of clients taking part in each round (at least one), drawn with the seed"""
-    buffer_per_class: int = 10
-    """coreset / replay buffer: images kept per class (stamp, stamp_tam, replay, agem)"""
-    coreset_rule: str = "prototypical"
-    """how STAMP's coreset picks images: prototypical (herding) | random | nearest"""
-    mixstyle: bool = True
-    """MixStyle on while replaying the coreset in TAM"""
-    gm_c: float = 0.25
-    """GM searching radius c (0 = plain mean)"""
-    gm_solver: str = "exact"
-    """GM simplex solver: exact | sgd (the authors') | adam"""
-    gm_normalize: bool = False
-    """rescale every update to the mean norm before GM"""
-    eta_t: float = 1.0
-    """client step η_t on the matched task update (the authors' code: 2)"""
-    eta_s: float = 1.0
-    """server step η_s on the matched client update"""
-    clone_start: str = "global"
-    """old-task updates in TAM start from the received model (global) or after current-task training (current, the authors' code)"""
-    replay: str = "coreset"
-    """TAM replays the coreset, or all old-task data (full, the authors' code)"""
-    protonet_weight: float = 0.0
-    """weight of the optional ProtoNet loss in local training (0 = off)"""
-    mu: float = 0.01
-    """FedProx proximal weight μ"""
-    ewc_lambda: float = 10.0
-    """EWC penalty weight λ"""
-    lwf_alpha: float = 1.0
-    """LwF distillation weight"""
-    lwf_temperature: float = 2.0
-    """LwF distillation temperature"""
-    validation: bool = False
-    """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
-    checkpoint_dir: str = ""
-    """save everything needed to continue into this folder after every round (empty = no checkpoints)"""
-    resume: bool = False
-    """continue the run saved in checkpoint_dir (same settings required)"""
-    amp: str = "off"
-    """mixed precision for local training: off | bf16 (autocast; meant for GPUs)"""
-    channels_last: bool = False
-    """channels-last memory format for convolutional models (GPU speed-up)"""
-    seed: int = 0
-    """seed of the scenario, the initial model, the batches and the client sampling"""
-    device: str = "auto"
-    """auto (cuda if available) | cpu | cuda"""
-    out: str = ""
-    """results JSON path; empty = results/<dataset>_<method>_seed<seed>.json; the PNG goes beside it"""
-    plot: bool = True
-    """write the accuracy-matrix PNG next to the JSON"""
-    quiet: bool = False
-    """print only the final summary"""
+def qualname(fn):
+    """"module.qualified_name" of a function (of the one inside a functools.partial)."""
+    f = fn.func if isinstance(fn, partial) else fn
+    return f"{getattr(f, '__module__', None) or '?'}.{getattr(f, '__qualname__', type(f).__name__)}"
 
-    def validate(self):
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}")
-        for name in ("num_clients", "classes_per_task", "rounds_per_task", "local_epochs", "batch_size",
-                     "buffer_per_class"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
-        if self.num_tasks < 0:
-            raise UserError(f"num_tasks={self.num_tasks} must be >= 0; allowed: 0 (as many as the classes allow) or more")
-        for name in ("lr", "eta_t", "eta_s"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: > 0")
-        if not self.lwf_temperature > 0:
-            raise UserError(f"lwf_temperature={self.lwf_temperature} must be positive; allowed: > 0")
-        for name in ("gm_c", "mu", "ewc_lambda", "lwf_alpha", "protonet_weight", "momentum"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be non-negative; allowed: >= 0")
-        if not 0 < self.participation <= 1:
-            raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device={self.device!r} is unknown; allowed: auto, cpu, cuda")
-        if self.resume and not self.checkpoint_dir:
-            raise UserError("resume=True needs checkpoint_dir; allowed: --checkpoint-dir DIR --resume true")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")
 
-    @property
-    def out_path(self):
-        return Path(self.out or f"results/{self.dataset}_{self.method}_seed{self.seed}.json")
+def rules(client_update=None, end_task=None, new_state=None, aggregate=None, match=None):
+    """(the five rules of a run as {keyword: function}, their qualified names). A rule not given
+    is the library's; the library's client_update and aggregate get the `match` in use."""
+    given = {"client_update": client_update, "end_task": end_task, "new_state": new_state,
+             "aggregate": aggregate, "match": match}
+    fns = {k: v if v is not None else DEFAULTS[k] for k, v in given.items()}
+    names = {k: qualname(v) for k, v in fns.items()}
+    for k in ("client_update", "aggregate"):
+        if fns[k] is DEFAULTS[k]:
+            fns[k] = partial(fns[k], match=fns["match"])
+    return fns, names
+
+
+def run_name(cfg, names):
+    """The name of a run: `cfg.name`, else the preset or client+server, followed by the name of
+    every rule that is not the library's ("fedavg-pcgrad" for run(…, aggregate=pcgrad))."""
+    if cfg.name:
+        return cfg.name
+    own = [re.sub(r"\W+", "_", n.rsplit(".", 1)[-1]).strip("_") or "rule" for k, n in names.items()
+           if n != qualname(DEFAULTS[k])]
+    return "-".join([cfg.label, *own])
 
 
 def mean(values):
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def ratio(entry):
+    """||server step|| / ||plain mean of the updates|| of a round's log entry (NaN if the mean is 0)."""
+    return entry["step_norm"] / entry["mean_norm"] if entry["mean_norm"] > 0 else float("nan")
 
 
 def device_of(cfg):
@@ -184,7 +106,8 @@ def build(cfg, dataset=None):
 def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, aggregate_seconds):
     """A round's entry in the results' "rounds" (current_task_acc and seconds are added after the
     evaluation). infos: the clients' `client_update` infos; G, p_updates, p_step: the Gram matrix,
-    updates and server step over the trainable weights."""
+    updates and server step over the trainable weights (norms too are over those)."""
+    n = len(p_updates)
     return {"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
             "train_images": sum(weights), "client_seconds": client_seconds,
             "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos), "aggregate_seconds": aggregate_seconds,
@@ -192,23 +115,42 @@ def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, a
             "spatial_cos": gradmatch.mean_pairwise_cosine(G), "spatial_agreement": gradmatch.agreement(p_updates, p_step),
             # between a client's task updates, and between each and its matched update (TAM)
             "temporal_cos": mean(i["temporal_cos"] for i in infos if "temporal_cos" in i),
-            "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i)}
+            "temporal_agreement": mean(i["temporal_agreement"] for i in infos if "temporal_agreement" in i),
+            # sizes: ||server step||, ||plain mean (1/n) Σ_k Δ_k|| = sqrt(1ᵀG1)/n, every ||Δ_k|| = sqrt(G_kk)
+            "step_norm": sum(float(v.double().square().sum()) for v in p_step.values()) ** 0.5,
+            "mean_norm": float(G.sum().clamp_min(0).sqrt()) / n, "update_norms": G.diagonal().sqrt().tolist()}
 
 
-def results(cfg, scenario, acc, round_acc, log, comm, buffer_bytes, wall_time_s, peak_gpu_memory_bytes=None):
-    """The results dict (what the CLI writes to JSON)."""
-    return {"config": asdict(cfg), "acc_matrix": acc.tolist(), **summary(acc),
+def results(cfg, scenario, acc, round_acc, log, comm, buffer_bytes, wall_time_s, peak_gpu_memory_bytes=None, *,
+            name=None, rules=None):
+    """The results dict (what the CLI writes to JSON). name: the run's name (default `cfg.label`);
+    rules: {keyword: qualified name} of the functions that ran (default: the library's)."""
+    return {"name": name or cfg.label, "rules": rules or {k: qualname(v) for k, v in DEFAULTS.items()},
+            "config": asdict(cfg), "acc_matrix": acc.tolist(), **summary(acc),
             "current_task_accuracy": current_task_accuracy(round_acc), "comm_bytes": comm,
             "buffer_bytes": buffer_bytes, "wall_time_s": wall_time_s, "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
             "rounds": log, "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
             "versions": run_info()}
 
 
-def run(cfg, dataset=None):
+def run(cfg, dataset=None, *, client_update=client.client_update, end_task=client.end_task,
+        new_state=client.new_state, aggregate=server.aggregate, match=gradmatch.match):
     """Run one experiment; returns the results as a dict (what the CLI writes to JSON).
 
-    dataset: a `data.Dataset` already in memory (e.g. generated data), instead of `cfg.dataset`."""
+    dataset: a `data.Dataset` already in memory (e.g. generated data), instead of `cfg.dataset`.
+    The rules, each replaceable for this run (defaults: the library's; signatures as theirs):
+        client_update(model, theta, state, x, y, classes, cfg) -> (Δ {name: tensor}, info {"loss": …, …})
+        end_task(model, theta, state, x, y, classes, cfg)        at a task's end, θ = the final model
+        new_state(k, cfg) -> client.ClientState                   client k before its first round
+        aggregate(theta, updates, weights, cfg, params=None, G=None) -> (θ', step)
+        match(updates, c=, solver=, normalize=, G=, **solver settings) -> matched update (gradmatch.match)
+    `match` reaches the library's client_update (TAM) and aggregate (SAM); a rule of yours that
+    wants it calls it itself."""
     cfg.validate()
+    cfg = replace(cfg, client=cfg.client_rule, server=cfg.server_rule)      # the rule pair in force, spelled out
+    fns, names = rules(client_update, end_task, new_state, aggregate, match)
+    client_update, end_task, new_state, aggregate = (fns[k] for k in ("client_update", "end_task", "new_state", "aggregate"))
+    name = run_name(cfg, names)
     say = (lambda *a: None) if cfg.quiet else print
     start = time.perf_counter()
     device = device_of(cfg)
@@ -228,13 +170,13 @@ def run(cfg, dataset=None):
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
     clients = [new_state(k, cfg) for k in range(K)]
     if cfg.resume:
-        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen)
+        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
         say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
     model_bytes = tensor_bytes(st["theta"])
     params = param_names(model)
     say(f"model {cfg.model}: {sum(v.numel() for v in st['theta'].values()):,} numbers ({model_bytes / 1e6:.2f} MB); "
-        f"method {cfg.method}; device {device}")
+        f"{name}: client rule {cfg.client_rule}, server rule {cfg.server_rule}; device {device}")
 
     while st["t"] < T:
         t, r, theta = st["t"], st["r"], st["theta"]
@@ -260,7 +202,7 @@ def run(cfg, dataset=None):
         st["log"].append(round_log(t, r, ids, infos, weights, G, p_updates, {n: step[n] for n in params}, t1 - t0, t2 - t1))
         st["log"][-1].update(current_task_acc=cur, seconds=time.perf_counter() - t0)
         say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {st['log'][-1]['loss']:.3f} | current-task acc {cur:.3f} "
-            f"| spatial cos {st['log'][-1]['spatial_cos']:+.2f} | {st['log'][-1]['seconds']:.2f}s")
+            f"| spatial cos {st['log'][-1]['spatial_cos']:+.2f} | step/mean {ratio(st['log'][-1]):.2f} | {st['log'][-1]['seconds']:.2f}s")
         st["r"] += 1
         if st["r"] == R:                                    # end of task t: clients that trained it
             for k in range(K):
@@ -274,11 +216,12 @@ def run(cfg, dataset=None):
             st["t"], st["r"] = t + 1, 0
         if cfg.checkpoint_dir:
             checkpoint.save(cfg.checkpoint_dir, asdict(cfg),
-                            {**st, "elapsed": st["elapsed"] + time.perf_counter() - start}, clients, gen)
+                            {**st, "elapsed": st["elapsed"] + time.perf_counter() - start}, clients, gen, names)
 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return results(cfg, scenario, st["acc"], st["round_acc"], st["log"], st["comm"],
-                   sum(memory_bytes(c) for c in clients), st["elapsed"] + time.perf_counter() - start, peak)
+                   sum(memory_bytes(c) for c in clients), st["elapsed"] + time.perf_counter() - start, peak,
+                   name=name, rules=names)
 
 
 def report(res):
@@ -306,7 +249,7 @@ def cli(argv=None):
     if cfg.plot:
         from . import plots
         png = out.with_name(out.stem + "_acc.png")
-        plots.save(plots.accuracy_matrix(res["acc_matrix"], title=f"{cfg.method} on {cfg.dataset}"), png)
+        plots.save(plots.accuracy_matrix(res["acc_matrix"], title=f"{res['name']} on {cfg.dataset}"), png)
         print(f"wrote {png}")
 
 

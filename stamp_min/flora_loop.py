@@ -18,7 +18,7 @@ FedSA-LoRA has no global B: its residual is that of the clients' personal models
 global test set. FLoRA re-initialises the adapters every round (fresh A from the seeded
 generator, the same on every client; B = 0).
 
-Run it:  python -m stamp_min.flora_na --help
+Run it:  python -m stamp_min.flora_loop --help
 """
 
 import time

@@ -9,9 +9,8 @@ but averaging the factors separately (FedIT) gives B̄Ā, and (METHOD §2.1, the
 
     T − B̄Ā = ½ Σ_u Σ_v w_u w_v (B_u − B_v)(A_u − A_v).
 
-FLoRA-NA (§2.2) keeps FedIT's payload and shape but rescales each client's increment by a
-scalar learned on the server, p_u for A and q_u for B (shared by all modules unless
-per_module=True):
+FLoRA-NA (§2.2) keeps FedIT's payload and shape but rescales each client's increment by a scalar
+learned on the server, p_u for A and q_u for B (shared by all modules unless per_module=True):
 
     Â(p) = A_prev + Σ_u w_u p_u ΔA_u,   B̂(q) = B_prev + Σ_u w_u q_u ΔB_u,   ΔA_u = A_u − A_prev
     J(p, q) = Σ_modules ||T − B̂(q) Â(p)||²_F / (||T||²_F + ε)
@@ -24,19 +23,19 @@ both T and B̂Â are combinations Σ_{j,i} C_ji Y_j X_i of the (U+1)² products 
 
 So ||Σ D_ji Y_j X_i||² = Σ D_ji D_lm tr((Y_jᵀY_l)(X_m X_iᵀ)) needs only r×r Gram blocks: the d×k
 matrix T is never formed. They are collected once into K, the (U+1)²×(U+1)² Gram matrix of the
-products (`products_gram`); then J(p, q) = vec(D)ᵀ K vec(D) with D = C − b aᵀ, O(U⁴) per solver
-step whatever d, k, r are (memory (U+1)⁴ numbers per module: 15k at U = 10, 7M at U = 50). Solvers: AdamW (lr 1e-2, 200 steps from p = q = 1, best iterate
-kept) or alternating least squares (J is quadratic in q for fixed p and vice versa, so one
-Newton step with the pseudo-inverse Hessian is the exact block minimiser). The start p = q = 1
-is FedIT and the best iterate is returned, so FLoRA-NA is never worse than FedIT (the guard).
+products (`products_gram`); then J(p, q) = vec(D)ᵀ K vec(D) with D = C − b aᵀ, O(U⁴) per solver step
+whatever d, k, r are (memory (U+1)⁴ numbers per module: 15k at U = 10, 7M at U = 50). Solvers: AdamW
+(lr 1e-2, 200 steps from p = q = 1, best iterate kept) or alternating least squares (J is quadratic
+in q for fixed p and vice versa, so one Newton step with the pseudo-inverse Hessian is the exact
+block minimiser). The start p = q = 1 is FedIT and the best iterate is returned, so FLoRA-NA is
+never worse than FedIT (the guard).
 
-Choices METHOD leaves open, made here: the server math runs in float64 (the Grams are tiny);
-AdamW's weight decay is 0 (a decay pulls p, q towards 0, not towards FedIT's 1); ε = 1e-12; the
-relative residual is summed over modules, each module normalised by its own ||T||².
+Choices METHOD leaves open, made here: the server math runs in float64 (the Grams are tiny); AdamW's
+weight decay is 0 (a decay pulls p, q towards 0, not towards FedIT's 1); ε = 1e-12; the relative
+residual is summed over modules, each module normalised by its own ||T||².
 
 The other server rules (§2.3) and their payloads are `aggregate_lora(method, ...)` and
-`payload(method, ...)`. The federated fine-tuning experiment and its CLI live in flora_loop.py;
-`python -m stamp_min.flora_na` runs it.
+`payload(method, ...)`. The experiment and its CLI: flora_loop.py, `python -m stamp_min.flora_loop`.
 """
 
 from dataclasses import dataclass, field
@@ -61,8 +60,7 @@ def _w(weights):
     return w / w.sum()
 
 
-# ---------------------------------------------------------------------------------------------
-# the ideal aggregate, dense (small sizes: teaching and tests)
+# ------------------------------------ the ideal aggregate, dense (small sizes: teaching and tests)
 
 def target(As, Bs, w):
     """T = Σ_u w_u B_u A_u for one module. As (U, r, k), Bs (U, d, r), w (U,) -> (d, k)."""
@@ -76,8 +74,7 @@ def cross_term(As, Bs, w):
     return 0.5 * torch.einsum("u,v,uvdr,uvrk->dk", w, w, dB, dA)
 
 
-# ---------------------------------------------------------------------------------------------
-# the Gram trick
+# ---------------------------------------------------------------------------------- the Gram trick
 
 def products_gram(Y, X):
     """K[(j,i),(l,m)] = <Y_j X_i, Y_l X_m>_F = tr((Y_jᵀ Y_l)(X_m X_iᵀ)): the Gram matrix of the n²
@@ -111,8 +108,7 @@ def residual(As, Bs, w, A_hat, B_hat, eps=EPS):
     return total
 
 
-# ---------------------------------------------------------------------------------------------
-# FLoRA-NA's objective and estimator (§2.2)
+# ------------------------------------------------------- FLoRA-NA's objective and estimator (§2.2)
 
 @dataclass
 class Problem:
@@ -126,10 +122,8 @@ def setup(As, Bs, w, A_prev, B_prev, per_module=False, eps=EPS):
     """Build the Problem for modules As (U, r, k), Bs (U, d, r) (lists over modules) started
     from A_prev (r, k), B_prev (d, r). The modules of a group may have different shapes."""
     w, U = _w(w), len(w)
-    C = torch.zeros(U + 1, U + 1, dtype=torch.float64)
-    C[0, 0] = 1.0
-    C[0, 1:] = C[1:, 0] = w
-    C[1:, 1:] = torch.diag(w)
+    C = torch.diag(torch.cat([torch.ones(1, dtype=torch.float64), w]))      # C_00 = 1, C_uu = w_u
+    C[0, 1:] = C[1:, 0] = w                                                 # C_0u = C_u0 = w_u
     Ks = []
     for A, B, A0, B0 in zip(_list(As), _list(Bs), _list(A_prev), _list(B_prev)):
         X = torch.cat([A0[None], A - A0]).double()                          # (U+1, r, k)
@@ -195,8 +189,7 @@ def estimate(As, Bs, w, A_prev, B_prev, solver="adamw", per_module=False, steps=
             best = (j, p.detach().clone(), q.detach().clone())
 
     if solver == "adamw":
-        p.requires_grad_(True)
-        q.requires_grad_(True)
+        p, q = p.requires_grad_(True), q.requires_grad_(True)
         opt = torch.optim.AdamW([p, q], lr=lr, weight_decay=weight_decay)
         for step in range(steps):
             opt.zero_grad()
@@ -221,8 +214,7 @@ def estimate(As, Bs, w, A_prev, B_prev, solver="adamw", per_module=False, steps=
     return Estimate(A_hat, B_hat, p, q, j, fedit, history)
 
 
-# ---------------------------------------------------------------------------------------------
-# the truncated-SVD oracle (Eckart–Young), without forming T
+# -------------------------------------- the truncated-SVD oracle (Eckart–Young), without forming T
 
 def svd_oracle(As, Bs, w, r):
     """Best rank-r factors of T = Σ w_u B_u A_u for one module, via QR of the stacked factors.
@@ -232,8 +224,7 @@ def svd_oracle(As, Bs, w, r):
     U_, r0, k = As.shape
     Bst = Bs.double().permute(1, 0, 2).reshape(Bs.shape[1], U_ * r0)       # (d, U r0)
     Ast = As.double().reshape(U_ * r0, k)                                   # (U r0, k)
-    Q1, R1 = torch.linalg.qr(Bst)
-    Q2, R2 = torch.linalg.qr(Ast.T)
+    (Q1, R1), (Q2, R2) = torch.linalg.qr(Bst), torch.linalg.qr(Ast.T)
     core = R1 @ torch.diag(_w(w).repeat_interleave(r0)) @ R2.T
     Uc, S, Vh = torch.linalg.svd(core)
     s = S[:r].sqrt()
@@ -242,8 +233,7 @@ def svd_oracle(As, Bs, w, r):
     return A_hat.to(As.dtype), B_hat.to(Bs.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# the server rules of §2.3
+# ------------------------------------------------------------------------ the server rules of §2.3
 
 @dataclass
 class Aggregate:
@@ -308,7 +298,3 @@ def payload(method, shapes, num_clients, bytes_per_number=4):
         up, down = up + u, down + dn
     return up * bytes_per_number, down * bytes_per_number
 
-
-if __name__ == "__main__":
-    from .flora_loop import cli
-    cli()

@@ -59,10 +59,10 @@ CHUNK = 1 << 18                           # columns per block when streaming upd
 
 # ----------------------------------------------------------------------------- streaming updates
 
-def _blocks(updates):
+def _blocks(updates, chunk=CHUNK):
     """Yield (key, lo, hi, block): columns lo:hi of parameter `key` of all n updates, an (n, hi-lo)
     float32 block (float64 for float64 inputs). A float32/64 (n, P) tensor is sliced, no copy;
-    anything else (dicts, fp16/bf16) is copied block by block into one reused (n, ≤ CHUNK) buffer.
+    anything else (dicts, fp16/bf16) is copied block by block into one reused (n, ≤ chunk) buffer.
     A block is valid only until the next one is yielded."""
     n, buf = len(updates), None
     if torch.is_tensor(updates):
@@ -75,23 +75,23 @@ def _blocks(updates):
             raise ValueError(f"gradmatch: update {key!r} has dtype {rows[0].dtype}; only floating-point tensors allowed")
         cdtype = torch.float64 if rows[0].dtype == torch.float64 else torch.float32
         size = rows[0].numel()
-        for lo in range(0, size, CHUNK):
-            hi = min(lo + CHUNK, size)
+        for lo in range(0, size, chunk):
+            hi = min(lo + chunk, size)
             if torch.is_tensor(rows) and rows.dtype == cdtype:
                 yield key, lo, hi, rows[:, lo:hi]
                 continue
             if buf is None or buf.dtype != cdtype:
-                buf = torch.empty(n, min(CHUNK, P), dtype=cdtype, device=rows[0].device)
+                buf = torch.empty(n, min(chunk, P), dtype=cdtype, device=rows[0].device)
             blk = buf[:, :hi - lo]
             for i in range(n):
                 blk[i].copy_(rows[i][lo:hi])                      # upcasts fp16/bf16 on the way
             yield key, lo, hi, blk
 
 
-def gram(updates):
+def gram(updates, chunk=CHUNK):
     """G = D Dᵀ, (n, n) float64. updates: an (n, ...) tensor, or a list of n dicts name -> tensor."""
     G = None
-    for _, _, _, blk in _blocks(updates):
+    for _, _, _, blk in _blocks(updates, chunk):
         g = (blk @ blk.T).double()                                # (n, n) per block, summed in float64
         G = g if G is None else G + g
     if not torch.isfinite(G).all():
@@ -99,13 +99,13 @@ def gram(updates):
     return G
 
 
-def combine(updates, alpha):
+def combine(updates, alpha, chunk=CHUNK):
     """Σ_i alpha_i d_i in the form and dtype of `updates`: a (...) tensor or a dict. alpha: (n,)."""
     if torch.is_tensor(updates):
         out = torch.empty(updates.shape[1:], dtype=updates.dtype, device=updates.device)
     else:
         out = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in updates[0].items()}
-    for key, lo, hi, blk in _blocks(updates):
+    for key, lo, hi, blk in _blocks(updates, chunk):
         dst = (out if key is None else out[key]).view(-1)[lo:hi]
         if dst.dtype == blk.dtype:
             torch.mv(blk.T, alpha.to(blk), out=dst)               # (m, n) @ (n,) -> (m,), in place

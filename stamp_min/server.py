@@ -16,7 +16,7 @@ import torch
 
 from . import gradmatch
 
-SAM_METHODS = ("stamp", "stamp_sam")
+SERVER_RULES = ("mean", "gm")      # cfg.server_rule (config.py): FedAvg | SAM
 
 
 def weighted_mean(updates, weights):
@@ -26,20 +26,22 @@ def weighted_mean(updates, weights):
     return {name: sum(wk * u[name] for wk, u in zip(w, updates)) for name in updates[0]}
 
 
-def aggregate(theta, updates, weights, cfg, params=None, G=None):
-    """(new global state, the step taken) from the clients' updates and sample counts.
+def aggregate(theta, updates, weights, cfg, params=None, G=None, match=gradmatch.match):
+    """(new global state, the step taken) from the clients' updates and sample counts, by the
+    server rule `cfg.server_rule`: mean (FedAvg) or gm (SAM, matching with `match`).
 
     params: the names of the trainable parameters (default: every entry). SAM matches those
     only; the other entries (BatchNorm running statistics) get the sample-weighted mean, as in
     FedAvg: scaling statistics by GM's weights could make a variance negative.
-    G: the Gram matrix of the updates' `params` entries, if the caller has it already."""
-    if cfg.method not in SAM_METHODS:
+    G: the Gram matrix of the updates' `params` entries, if the caller has it already.
+    A variant is a function with this signature (without `match`), passed to `fcl_loop.run`."""
+    if cfg.server_rule == "mean":
         step = weighted_mean(updates, weights)
     else:
         params = list(theta) if params is None else params
         p_updates = [{n: u[n] for n in params} for u in updates]
-        matched = (gradmatch.match(p_updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
-                                   **gradmatch.SERVER) if len(updates) > 1 else p_updates[0])
+        matched = (match(p_updates, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G,
+                         **gradmatch.SERVER) if len(updates) > 1 else p_updates[0])
         rest = [n for n in theta if n not in matched]                    # BatchNorm statistics: plain mean
         step = weighted_mean([{n: u[n] for n in rest} for u in updates], weights) if rest else {}
         step.update({n: cfg.eta_s * v for n, v in matched.items()})

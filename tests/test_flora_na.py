@@ -232,7 +232,7 @@ def test_payload_matches_method_table():
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "stamp_min.flora_na", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "stamp_min.flora_loop", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 pytest.importorskip("flwr", reason="Flower is optional: pip install -r requirements-flower.txt")
+import cloudpickle  # noqa: E402  (comes with Ray)
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from stamp_min import UserError  # noqa: E402
+from stamp_min import UserError, client, server  # noqa: E402
 from stamp_min.client import new_state  # noqa: E402
 from stamp_min.coreset import task_key  # noqa: E402
 from stamp_min.fcl_loop import Config, run  # noqa: E402
@@ -36,31 +37,27 @@ def small(**kw):
     return Config(**{**base, **kw})
 
 
-def simulate(cfg, out, client_cfg=None):
+def simulate(cfg, out, client_cfg=None, server_rules=None, client_rules=None):
     cfg = replace(cfg, out=str(out))
-    run_simulation(make_server_app(cfg), make_client_app(client_cfg or cfg), num_supernodes=cfg.num_clients,
-                   backend_config=BACKEND)
+    run_simulation(make_server_app(cfg, **(server_rules or {})), make_client_app(client_cfg or cfg, **(client_rules or {})),
+                   num_supernodes=cfg.num_clients, backend_config=BACKEND)
 
 
-@pytest.mark.parametrize("method,clients,participation", [
-    ("fedavg", 2, 1.0), ("stamp", 2, 1.0),
-    ("lwf", 3, 0.67),         # a baseline with state, 2 of 3 clients a round: some skip a task's end_task
-    ("stamp", 3, 0.34)])      # 1 of 3 clients a round: SAM passes a single update through
-def test_flower_simulation_equals_the_loop(method, clients, participation, tmp_path):
-    cfg = small(method=method, num_clients=clients, participation=participation)
+def assert_flower_equals_the_loop(cfg, tmp_path, server_rules=None, client_rules=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # Flower's clients run with one thread each (Ray actors, num_cpus=1)
     try:
-        ref = run(replace(cfg, checkpoint_dir=str(tmp_path / "ckpt")))
+        ref = run(replace(cfg, checkpoint_dir=str(tmp_path / "ckpt")), **(server_rules or {}), **(client_rules or {}))
     finally:
         torch.set_num_threads(threads)
     theta_ref = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["progress"]["theta"]
 
-    simulate(cfg, tmp_path / "flower.json")
+    simulate(cfg, tmp_path / "flower.json", server_rules=server_rules, client_rules=client_rules)
     res = json.loads((tmp_path / "flower.json").read_text())
     theta = torch.load(tmp_path / "flower_model.pt", weights_only=True)
 
     assert res["engine"] == "flower" and res["scenario"] == ref["scenario"]
+    assert res["name"] == ref["name"] and res["rules"] == ref["rules"]
     assert sorted(theta) == sorted(theta_ref)
     for name in theta_ref:
         assert torch.allclose(theta[name], theta_ref[name], rtol=1e-5, atol=1e-6), name
@@ -69,8 +66,44 @@ def test_flower_simulation_equals_the_loop(method, clients, participation, tmp_p
     assert [r["clients"] for r in res["rounds"]] == [r["clients"] for r in ref["rounds"]]
     for a, b in zip(res["rounds"], ref["rounds"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["current_task_acc"] == pytest.approx(b["current_task_acc"])
+        assert a["step_norm"] == pytest.approx(b["step_norm"], rel=1e-4)
     for key in ("comm_bytes", "buffer_bytes", "current_task_accuracy"):
         assert res[key] == pytest.approx(ref[key]), key
+    return ref
+
+
+@pytest.mark.parametrize("method,clients,participation", [
+    ("fedavg", 2, 1.0), ("stamp", 2, 1.0),
+    ("lwf", 3, 0.67),         # a baseline with state, 2 of 3 clients a round: some skip a task's end_task
+    ("stamp", 3, 0.34)])      # 1 of 3 clients a round: SAM passes a single update through
+def test_flower_simulation_equals_the_loop(method, clients, participation, tmp_path):
+    assert_flower_equals_the_loop(small(method=method, num_clients=clients, participation=participation), tmp_path)
+
+
+def damped_update(model, theta, state, x, y, classes, cfg):
+    """A client rule of a user's: the library's update, times 0.7."""
+    delta, info = client.client_update(model, theta, state, x, y, classes, cfg)
+    return {n: 0.7 * v for n, v in delta.items()}, info
+
+
+def projected_mean(theta, updates, weights, cfg, params=None, G=None):
+    """A server rule of a user's (PCGrad-like): each update loses its component against the mean."""
+    mean = server.weighted_mean(updates, [1.0] * len(updates))
+    dot = sum(float((mean[n] * mean[n]).sum()) for n in params)
+    fixed = []
+    for u in updates:
+        c = sum(float((u[n] * mean[n]).sum()) for n in params)
+        fixed.append({n: u[n] - min(c, 0.0) / dot * mean[n] if n in params else u[n] for n in u})
+    step = server.weighted_mean(fixed, weights)
+    return {n: theta[n] + step[n] for n in theta}, step
+
+
+def test_injected_client_and_server_rules_on_flower_equal_the_loop(tmp_path):
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])      # Ray's workers get this test's functions by value
+    ref = assert_flower_equals_the_loop(small(method="stamp"), tmp_path, server_rules={"aggregate": projected_mean},
+                                        client_rules={"client_update": damped_update})
+    assert ref["name"] == "stamp-damped_update-projected_mean"
+    assert ref["rules"]["aggregate"].endswith("projected_mean") and ref["rules"]["client_update"].endswith("damped_update")
 
 
 def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
@@ -124,7 +157,7 @@ def test_client_state_round_trips_through_flower_records_and_bad_state_is_a_clea
 
 def test_the_flower_app_project_lists_every_setting_with_the_loops_default():
     app = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "stamp_min.flower_app:server_app", "clientapp": "stamp_min.flower_app:client_app"}
+    assert app["components"] == {"serverapp": "stamp_min.flower_app:server_app", "clientapp": "stamp_min.flower_client:client_app"}
     expected = {f.name.replace("_", "-"): f.default for f in fields(Config) if f.name not in FLOWER_SKIPS}
     expected.update({n.replace("_", "-"): v for n, v in FLOWER_ONLY.items()})
     assert app["config"] == {**expected, "method": "stamp"}

@@ -324,15 +324,16 @@ def as_dicts(D, shapes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dict_input_equals_flat(monkeypatch, dtype):
-    monkeypatch.setattr(gm, "CHUNK", 7)                       # many block boundaries, inside parameters
+def test_dict_input_equals_flat(dtype):
+    chunk = 7                                                 # many block boundaries, inside parameters
     shapes = [(5, 3), (4,), (2, 3, 4), (1,)]
     D = updates(6, "conflicting", 0, P=44).to(dtype)
     dicts = as_dicts(D, shapes)
-    torch.testing.assert_close(gm.gram(dicts), gm.gram(D), rtol=1e-6, atol=0)
-    torch.testing.assert_close(gm.gram(D), D.double() @ D.double().T, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    torch.testing.assert_close(gm.gram(dicts, chunk), gm.gram(D, chunk), rtol=1e-6, atol=0)
+    torch.testing.assert_close(gm.gram(D, chunk), D.double() @ D.double().T, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
     for normalize in (False, True):
-        flat, out = gm.match(D, normalize=normalize), gm.match(dicts, normalize=normalize)
+        flat = gm.match(D, normalize=normalize)
+        out = gm.combine(dicts, gm.coefficients(gm.gram(dicts, chunk), normalize=normalize), chunk)   # = match, in blocks of 7
         assert set(out) == set(dicts[0]) and all(out[k].dtype == dtype for k in out)
         again = torch.cat([out[f"p{i}"].reshape(-1) for i in range(len(shapes))])
         # the blocks differ, so G differs by fp32 rounding (~1e-7), which moves w* a little

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from stamp_min import baselines
-from stamp_min.client import client_update, end_task, float_state, new_state, protonet_loss
+from stamp_min.client import client_update, end_task, float_state, load_state, local_train, new_state, protonet_loss
 from stamp_min.coreset import task_key
 from stamp_min.fcl_loop import METHODS, Config, run
 from stamp_min.models import Classifier
@@ -212,19 +212,18 @@ def test_agem_projection_never_disagrees_with_the_buffer_gradient():
             assert torch.allclose(p + torch.dot(a, r) / torch.dot(r, r) * r, a, atol=1e-5)
 
 
-def test_replay_trains_on_the_buffer_too(monkeypatch):
-    cfg = tiny_cfg(method="replay")
+def test_replay_trains_on_the_buffer_too():
+    cfg = tiny_cfg(method="replay", batch_size=4)
     model, theta, state, x, y = two_task_client(cfg)
-    seen = {}
-    import stamp_min.client as client
-    real = client.local_train
-
-    def spy(m, xx, yy, *a, **k):
-        seen["y"] = yy
-        return real(m, xx, yy, *a, **k)
-    monkeypatch.setattr(client, "local_train", spy)
-    client_update(model, theta, state, x, y, (2,), cfg)
-    assert sorted(seen["y"].tolist()) == sorted(y.tolist() + [0, 0, 0, 1, 1, 1])
+    bx, by = next((xm, ym) for _, xm, ym in state.buffer)
+    assert sorted(by.tolist()) == [0, 0, 0, 1, 1, 1]
+    rng = torch.Generator().set_state(state.rng.get_state())       # the draws client_update will make
+    delta, _ = client_update(model, theta, state, x, y, (2,), cfg)
+    load_state(model, theta)                                     # reference: plain SGD on task + buffer
+    local_train(model, torch.cat([x, bx]), torch.cat([y, by]), cfg.local_epochs, cfg.batch_size, cfg.lr, rng)
+    expect = float_state(model)
+    for n in theta:
+        assert torch.equal(delta[n], expect[n] - theta[n]), n
 
 
 def test_protonet_loss_by_hand_and_at_any_class_count():

@@ -1,0 +1,193 @@
+"""The settings of a federated continual experiment: one `Config`, and the table of method presets.
+
+A method is two independent rules (METHOD §1.3, §1.4, §1.7):
+
+    client rule   how client k turns the global model θ into its update Δ_k (client.py):
+                  sgd (plain local SGD) | fedprox | ewc | lwf | replay | agem (baselines.py) | tam (TAM)
+    server rule   how the server turns {Δ_k} into a step (server.py): mean (FedAvg) | gm (SAM)
+
+`--method` names a pair from PRESETS, the only list of method names in the library; `--client`
+and `--server` choose (or override) either rule, so `--client replay --server gm` is replay
+clients with STAMP's server, and `--method stamp` gives bit for bit what `--client tam --server
+gm` gives. `name` labels a run (results file, plot titles, JSON); by default the preset the pair
+belongs to, or "client+server".
+
+The CLI is generated from this dataclass (cli.py): one flag per field, its help the docstring
+under the field. `fcl_loop.run(cfg, ...)` takes a Config; notebooks write `Config(num_clients=2, ...)`.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import UserError, gradmatch
+from .client import CLIENT_RULES
+from .coreset import SELECTORS
+from .data import SCENARIOS
+from .models import MODELS
+from .server import SERVER_RULES
+
+PRESETS = {                      # method -> (client rule, server rule)
+    "fedavg": ("sgd", "mean"), "fedprox": ("fedprox", "mean"), "ewc": ("ewc", "mean"), "lwf": ("lwf", "mean"),
+    "replay": ("replay", "mean"), "agem": ("agem", "mean"),
+    "stamp": ("tam", "gm"),          # STAMP: temporal matching on the clients, spatial matching on the server
+    "stamp_tam": ("tam", "mean"),    # ablation: TAM alone
+    "stamp_sam": ("sgd", "gm"),      # ablation: SAM alone
+}
+METHODS = tuple(PRESETS)
+CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": METHODS, "client": ("",) + CLIENT_RULES,
+           "server": ("",) + SERVER_RULES, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
+           "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
+           "device": ("auto", "cpu", "cuda")}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
+
+
+def preset_of(client, server):
+    """The method whose pair is (client, server), or None."""
+    return next((m for m, pair in PRESETS.items() if pair == (client, server)), None)
+
+
+@dataclass
+class Config:
+    """Heterogeneous federated continual learning on one machine (STAMP and baselines)."""
+    dataset: str = "digits"
+    """digits (offline, bundled with scikit-learn) | cifar10 | cifar100 | imagefolder"""
+    data_root: str = "data"
+    """folder of the dataset files (for imagefolder: the folder of class folders, or of train/ and val/)"""
+    download: bool = False
+    """download cifar10/cifar100 into data_root if missing (needs internet)"""
+    image_size: int = 32
+    """images are resized to this size (imagefolder only)"""
+    scenario: str = "permutation"
+    """permutation: each client its own random class order (heterogeneous) | dirichlet: shared order, label skew"""
+    num_clients: int = 5
+    """number of clients K"""
+    num_tasks: int = 0
+    """number of tasks T per client; 0 = as many as the classes allow (num_classes // classes_per_task)"""
+    classes_per_task: int = 2
+    """classes in each task (cpt); 2 = highly heterogeneous"""
+    alpha: float = 0.5
+    """Dirichlet concentration of the label split (scenario=dirichlet); smaller = more skewed"""
+    share_samples: bool = False
+    """give every client holding a class all its images (the authors' code) instead of a disjoint share"""
+    model: str = "cnn"
+    """backbone: cnn (2 conv layers) | resnet18 | swin_t"""
+    method: str = "fedavg"
+    """preset pair of rules: fedavg fedprox ewc lwf replay agem (that client rule + mean server) | stamp (tam + gm) | stamp_tam (tam + mean) | stamp_sam (sgd + gm)"""
+    client: str = ""
+    """client rule, overriding the method's: sgd | fedprox | ewc | lwf | replay | agem | tam (empty = the method's)"""
+    server: str = ""
+    """server rule, overriding the method's: mean (FedAvg) | gm (spatial matching, SAM) (empty = the method's)"""
+    name: str = ""
+    """name of the run in the results file name, plot titles and JSON (empty = the preset, or client+server)"""
+    rounds_per_task: int = 5
+    """communication rounds R per task"""
+    local_epochs: int = 2
+    """local epochs per round on the current task"""
+    batch_size: int = 16
+    """local mini-batch size"""
+    lr: float = 0.1
+    """local SGD learning rate"""
+    momentum: float = 0.0
+    """local SGD momentum"""
+    participation: float = 1.0
+    """fraction of clients taking part in each round (at least one), drawn with the seed"""
+    buffer_per_class: int = 10
+    """coreset / replay buffer: images kept per class (client rules tam, replay, agem)"""
+    coreset_rule: str = "prototypical"
+    """how TAM's coreset picks images: prototypical (herding) | random | nearest"""
+    mixstyle: bool = True
+    """MixStyle on while replaying the coreset in TAM"""
+    gm_c: float = 0.25
+    """GM searching radius c (0 = plain mean)"""
+    gm_solver: str = "exact"
+    """GM simplex solver: exact | sgd (the authors') | adam"""
+    gm_normalize: bool = False
+    """rescale every update to the mean norm before GM"""
+    eta_t: float = 1.0
+    """client step η_t on the matched task update (the authors' code: 2)"""
+    eta_s: float = 1.0
+    """server step η_s on the matched client update"""
+    clone_start: str = "global"
+    """old-task updates in TAM start from the received model (global) or after current-task training (current, the authors' code)"""
+    replay: str = "coreset"
+    """TAM replays the coreset, or all old-task data (full, the authors' code)"""
+    protonet_weight: float = 0.0
+    """weight of the optional ProtoNet loss in local training (0 = off)"""
+    mu: float = 0.01
+    """FedProx proximal weight μ"""
+    ewc_lambda: float = 10.0
+    """EWC penalty weight λ"""
+    lwf_alpha: float = 1.0
+    """LwF distillation weight"""
+    lwf_temperature: float = 2.0
+    """LwF distillation temperature"""
+    validation: bool = False
+    """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
+    checkpoint_dir: str = ""
+    """save everything needed to continue into this folder after every round (empty = no checkpoints)"""
+    resume: bool = False
+    """continue the run saved in checkpoint_dir (same settings required)"""
+    amp: str = "off"
+    """mixed precision for local training: off | bf16 (autocast; meant for GPUs)"""
+    channels_last: bool = False
+    """channels-last memory format for convolutional models (GPU speed-up)"""
+    seed: int = 0
+    """seed of the scenario, the initial model, the batches and the client sampling"""
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda"""
+    out: str = ""
+    """results JSON path; empty = results/<dataset>_<name>_seed<seed>.json; the PNG goes beside it"""
+    plot: bool = True
+    """write the accuracy-matrix PNG next to the JSON"""
+    quiet: bool = False
+    """print only the final summary"""
+
+    @property
+    def client_rule(self):
+        """The client rule in force: `client`, or the method's."""
+        return self.client or PRESETS[self.method][0]
+
+    @property
+    def server_rule(self):
+        """The server rule in force: `server`, or the method's."""
+        return self.server or PRESETS[self.method][1]
+
+    @property
+    def label(self):
+        """The run's name: `name`, else the preset of the rule pair, else "client+server"."""
+        return self.name or preset_of(self.client_rule, self.server_rule) or f"{self.client_rule}+{self.server_rule}"
+
+    @property
+    def out_path(self):
+        return Path(self.out or f"results/{self.dataset}_{self.label}_seed{self.seed}.json")
+
+    def validate(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(a for a in allowed if a)}")
+        if self.name and not NAME.fullmatch(self.name):
+            raise UserError(f"name={self.name!r} is not a plain name; allowed: up to 80 letters, digits and _.+=- "
+                            f"(starting with a letter or digit)")
+        for name in ("num_clients", "classes_per_task", "rounds_per_task", "local_epochs", "batch_size",
+                     "buffer_per_class"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
+        if self.num_tasks < 0:
+            raise UserError(f"num_tasks={self.num_tasks} must be >= 0; allowed: 0 (as many as the classes allow) or more")
+        for name in ("lr", "eta_t", "eta_s"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: > 0")
+        if not self.lwf_temperature > 0:
+            raise UserError(f"lwf_temperature={self.lwf_temperature} must be positive; allowed: > 0")
+        for name in ("gm_c", "mu", "ewc_lambda", "lwf_alpha", "protonet_weight", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name}={getattr(self, name)} must be non-negative; allowed: >= 0")
+        if not 0 < self.participation <= 1:
+            raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
+        if self.resume and not self.checkpoint_dir:
+            raise UserError("resume=True needs checkpoint_dir; allowed: --checkpoint-dir DIR --resume true")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")

@@ -1,0 +1,238 @@
+"""STAMP on Flower, the client side: settings from the run config, client state kept between
+messages, and the ClientApp (flower_app.py has the overview and the ServerApp).
+
+A ClientApp is started for every message. It reads its settings from the run config and its
+client id k from the SuperNode's node config, rebuilds the run's data and scenario (the same on
+every node: same settings, same seed), restores its `ClientState` from `context.state`, and
+answers:
+
+    query           which client it is, and the qualified names of the rules it runs
+    train           Δ_k = client_update(θ, its task-t data), with the metrics of fcl_loop's round log
+    train.end_task  end_task(θ_final, its task-t data): coreset / baseline state refresh
+
+`make_client_app(cfg, client_update=…, end_task=…, new_state=…, match=…)` takes the same rules
+as `fcl_loop.run`; the library's client_update gets the `match` in use.
+"""
+
+import copy
+import json
+from dataclasses import asdict, fields, replace
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from . import UserError, client, gradmatch
+from .client import memory_bytes, restore, state_dict
+from .fcl_loop import Config, build, device_of, rules
+
+ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
+FLOWER_SKIPS = ("checkpoint_dir", "resume", "plot", "quiet")   # fcl_loop-only settings
+FLOWER_ONLY = {"reply_timeout": 600.0}   # seconds a client may stay silent before the run stops
+
+
+def settings(run_config, base=Config()):
+    """(Config, Flower-only settings) of a run: `base` and FLOWER_ONLY with the run config's
+    entries ("num-clients" or "num_clients"). Values must have the field's type."""
+    defaults = {**{f.name: f.default for f in fields(Config) if f.name not in FLOWER_SKIPS}, **FLOWER_ONLY}
+    changes = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name not in defaults:
+            raise UserError(f"run config {key}={value!r} is unknown; allowed: {', '.join(defaults)}")
+        kind = type(defaults[name])
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            raise UserError(f"run config {key}={value!r} is not a {kind.__name__}; allowed: a {kind.__name__}")
+        changes[name] = value
+    extra = {n: changes.pop(n, v) for n, v in FLOWER_ONLY.items()}
+    cfg = replace(base, **changes)
+    cfg.validate()
+    if not extra["reply_timeout"] > 0:
+        raise UserError(f"reply-timeout={extra['reply_timeout']} must be positive; allowed: > 0 (seconds)")
+    return cfg, extra
+
+
+def config_from(run_config, base=Config()):
+    return settings(run_config, base)[0]
+
+
+def experiment(cfg):
+    """(dataset, scenario, model with θ_0) of a run, built alike on the server and on every client.
+    Data and scenario are built once per process (Flower calls a ClientApp once per message); the
+    model is a fresh copy every time, so nothing a run does to it leaks into another."""
+    ds, scenario, model = _experiment(json.dumps(asdict(cfg), sort_keys=True))
+    return ds, scenario, copy.deepcopy(model)
+
+
+@lru_cache(maxsize=2)
+def _experiment(settings):
+    return build(Config(**json.loads(settings)))
+
+
+def on(arrays, device):
+    """An ArrayRecord as {name: tensor} on `device`."""
+    return {n: v.to(device) for n, v in arrays.to_torch_state_dict().items()}
+
+
+
+# ---------------------------------------------------------------------------------------------
+# ClientState <-> Flower records: tensors in an ArrayRecord, the rest as JSON in a ConfigRecord
+
+
+def pack(obj, tensors, path="state"):
+    """A JSON-able skeleton of nested dicts/lists/tuples; every tensor goes into `tensors[path]`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu()
+        return {"tensor": path}
+    if isinstance(obj, dict):
+        return {"dict": [[pack(k, tensors, f"{path}.{i}k"), pack(v, tensors, f"{path}.{i}")]
+                         for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    return obj                                              # int, float, str, bool, None
+
+
+def unpack(skeleton, tensors):
+    if not isinstance(skeleton, dict):
+        return skeleton
+    (kind, value), = skeleton.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {unpack(k, tensors): unpack(v, tensors) for k, v in value}
+    items = [unpack(v, tensors) for v in value]
+    return tuple(items) if kind == "tuple" else items
+
+
+FORMAT = "stamp_min-client-v1"
+
+
+def save_client(context, state, done):
+    """Store client state in context.state; `done`: messages (train, end_task) it has completed."""
+    tensors = {}
+    skeleton = pack(state_dict(state), tensors)
+    context.state["client.tensors"] = ArrayRecord(tensors)
+    context.state["client.skeleton"] = ConfigRecord({"json": json.dumps(skeleton), "format": FORMAT, "done": done})
+
+
+def restore_client(context, k, cfg, done, new_state=client.new_state):
+    """Client k's state from context.state, after `done` completed messages: what `new_state`
+    makes, filled with the saved state (fresh when done = 0). A state that is missing, corrupt,
+    someone else's or out of step: UserError."""
+    if "client.skeleton" not in context.state:
+        if done == 0:
+            return new_state(k, cfg)
+        raise UserError(f"client {k}: its state of {done} earlier messages is gone (did the SuperNode restart?); "
+                        f"allowed: SuperNodes that keep running for the whole run")
+    try:
+        record = context.state["client.skeleton"]
+        if record["format"] != FORMAT:
+            raise ValueError(f"format {record['format']!r}")
+        tensors = context.state["client.tensors"].to_torch_state_dict()
+        saved_state, saved = unpack(json.loads(record["json"]), tensors), int(record["done"])
+        owner = int(saved_state["client_id"])
+    except Exception as e:
+        raise UserError(f"client {k}: its saved state cannot be restored ({type(e).__name__}: {e}); "
+                        f"allowed: a state written by this stamp_min ClientApp in this run") from None
+    if owner != k:
+        raise UserError(f"client {k}: its saved state belongs to client {owner}; allowed: one "
+                        f"partition-id per SuperNode for the whole run")
+    if saved != done:
+        raise UserError(f"client {k}: its saved state is from after message {saved}, the server counts {done}; "
+                        f"allowed: a state that kept pace with the run")
+    try:
+        return restore(new_state(k, cfg), saved_state)
+    except Exception as e:
+        raise UserError(f"client {k}: its saved state cannot be restored ({type(e).__name__}: {e}); "
+                        f"allowed: a state written by this stamp_min ClientApp in this run") from None
+
+
+
+# ---------------------------------------------------------------------------------------------
+# ClientApp
+
+
+def make_client_app(base=Config(), *, client_update=client.client_update, end_task=client.end_task,
+                    new_state=client.new_state, match=gradmatch.match):
+    """A ClientApp running these rules (defaults: the library's) with the settings `base` changed
+    by the run config."""
+    fns, names = rules(client_update, end_task, new_state, None, match)
+    del names["aggregate"]                                                  # the server's rule
+    client_update = fns["client_update"]                                   # the library's gets `match`
+    app = ClientApp()
+
+    def whoami(context):
+        """(Config, client k) from the run config and this SuperNode's node config."""
+        cfg = config_from(context.run_config, base)
+        if "partition-id" not in context.node_config:
+            raise UserError("this SuperNode has no partition-id; allowed: flower-supernode --node-config "
+                            "'partition-id=K num-partitions=N' with K in 0..N-1")
+        k = int(context.node_config["partition-id"])
+        if not 0 <= k < cfg.num_clients:
+            raise UserError(f"partition-id={k} but the run has num-clients={cfg.num_clients}; "
+                            f"allowed: 0..{cfg.num_clients - 1}")
+        return cfg, k
+
+    def receive(msg, context):
+        """What a train message brings to client k: settings, the model holding θ (on the device),
+        θ itself, the client's restored state, and its own data of task t (x, y, classes)."""
+        cfg, k = whoami(context)
+        ds, scenario, model = experiment(cfg)
+        config = msg.content["config"]
+        t, classes = int(config["task"]), list(config["classes"])
+        task = scenario.tasks[k][t]
+        if list(task.classes) != classes:
+            raise UserError(f"client {k}, task {t}: the server sends classes {classes} but this client's scenario has "
+                            f"{list(task.classes)}; allowed: the same dataset, scenario and seed settings everywhere")
+        state = restore_client(context, k, cfg, int(config["done"]), new_state)
+        device = device_of(cfg)
+        theta = on(msg.content["arrays"], device)
+        data = (ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes)
+        return cfg, k, model.to(device), theta, state, data
+
+    def guarded(handler):
+        """A stamp_min error becomes an error reply with a plain reason (the ServerApp reports it)."""
+        def handle(msg, context):
+            try:
+                return handler(msg, context)
+            except UserError as e:
+                return Message(Error(code=ERROR_CODE, reason=str(e)), reply_to=msg)
+        return handle
+
+    def reply(msg, metrics, arrays=None):
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord({n: v.cpu() for n, v in arrays.items()})
+        return Message(content, reply_to=msg)
+
+    @app.query()
+    @guarded
+    def who(msg, context):
+        cfg, k = whoami(context)
+        answer = reply(msg, {"client": k, "num-partitions": int(context.node_config.get("num-partitions", -1))})
+        answer.content["rules"] = ConfigRecord(names)                      # the server records them
+        return answer
+
+    @app.train()
+    @guarded
+    def train(msg, context):
+        cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
+        delta, info = client_update(model, theta, state, x, y, classes, cfg)
+        save_client(context, state, int(msg.content["config"]["done"]) + 1)
+        return reply(msg, {"client": k, "num_examples": len(y), **info}, delta)     # info: fcl_loop's round log
+
+    @app.train("end_task")
+    @guarded
+    def finish_task(msg, context):
+        cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
+        end_task(model, theta, state, x, y, classes, cfg)
+        save_client(context, state, int(msg.content["config"]["done"]) + 1)
+        return reply(msg, {"client": k, "memory_bytes": memory_bytes(state)})
+
+    return app
+
+
+client_app = make_client_app()      # flower/pyproject.toml: the ClientApp of `flwr run`
