@@ -186,6 +186,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
         for k in ids:
             task = scenario.tasks[k][t]
             x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
+            load_state(model, theta)                        # every rule is called with the model holding θ
             delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
             updates.append(delta)
             weights.append(len(y))
@@ -209,7 +210,9 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
                 task = scenario.tasks[k][t]
                 if task_key(task.classes) not in clients[k].seen:
                     continue                                # never drawn during task t (participation < 1)
+                load_state(model, theta)
                 end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
+            load_state(model, theta)                        # whatever a rule left in the model: evaluate θ
             for j in range(t + 1):
                 st["acc"][t, j] = task_accuracy(model, ds, scenario, j)
             say(f"after task {t + 1}: accuracy on tasks 1..{t + 1} = " + " ".join(f"{a:.3f}" for a in st["acc"][t, :t + 1].tolist()))

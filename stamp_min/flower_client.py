@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from . import UserError, client, gradmatch
-from .client import memory_bytes, restore, state_dict
+from .client import load_state, memory_bytes, restore, state_dict
 from .fcl_loop import Config, build, device_of, rules
 
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
@@ -190,8 +190,9 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         state = restore_client(context, k, cfg, int(config["done"]), new_state)
         device = device_of(cfg)
         theta = on(msg.content["arrays"], device)
+        load_state(model := model.to(device), theta)                # every rule is called with the model holding θ
         data = (ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes)
-        return cfg, k, model.to(device), theta, state, data
+        return cfg, k, model, theta, state, data
 
     def guarded(handler):
         """A stamp_min error becomes an error reply with a plain reason (the ServerApp reports it)."""

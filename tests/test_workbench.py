@@ -14,7 +14,7 @@ import torch
 
 from stamp_min import UserError, client, gradmatch, server
 from stamp_min.config import PRESETS, Config
-from stamp_min.client import param_names
+from stamp_min.client import float_state, load_state, param_names
 from stamp_min.fcl_loop import build, run
 from stamp_min.metrics import task_accuracy
 
@@ -76,6 +76,7 @@ def test_each_rule_keyword_is_used():
     seen = []
 
     def scaled_update(model, theta, state, x, y, classes, cfg):      # the library's update, times 0.5
+        assert all(torch.equal(v, theta[n]) for n, v in float_state(model).items())    # called with θ loaded
         seen.append(state.client_id)
         delta, info = client.client_update(model, theta, state, x, y, classes, cfg)
         return {n: 0.5 * v for n, v in delta.items()}, info
@@ -86,6 +87,11 @@ def test_each_rule_keyword_is_used():
         pass
     b = run(cfg, end_task=forget)
     assert b["buffer_bytes"] == 0 < ref["buffer_bytes"] and not same(ref, b)
+
+    def messy(model, theta, state, x, y, classes, cfg):               # leaves zeros in the shared model
+        client.end_task(model, theta, state, x, y, classes, cfg)
+        load_state(model, {n: torch.zeros_like(v) for n, v in theta.items()})
+    assert same(ref, run(cfg, end_task=messy))                         # the loop evaluates θ, not what a rule left
 
     def small_buffer(k, cfg):                                          # 1 image per class instead of 3
         return client.new_state(k, replace(cfg, buffer_per_class=1))
@@ -193,6 +199,13 @@ def _stamp_min_names(tree):
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stamp_min"):
             names |= {a.asname or a.name for a in node.names}
     return names
+
+
+def test_the_readme_example_runs(capsys):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Prototype a variant"):]
+    exec(section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))], {})
+    assert capsys.readouterr().out.startswith("fedavg-median ")
 
 
 def test_no_test_or_notebook_monkeypatches_the_library():
