@@ -45,14 +45,15 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def parse_config(cls, argv=None, description=None):
-    """Parse argv into an instance of the dataclass `cls` (defaults = the dataclass defaults)."""
+def parse_config(cls, argv=None, description=None, notes=None):
+    """Parse argv into an instance of the dataclass `cls` (defaults = the dataclass defaults).
+    notes: {field: text} appended to a field's help (text computed from tables, e.g. presets)."""
     docs = field_docs(cls)
     p = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = {bool: _bool, int: int, float: float}.get(f.type, str)
-        opt = dict(default=f.default, help=docs.get(f.name, ""), type=kind)
+        opt = dict(default=f.default, help=" ".join(filter(None, (docs.get(f.name), (notes or {}).get(f.name)))), type=kind)
         if kind is _bool:   # `--flag`, `--flag true` and `--flag false` all work
             opt.update(metavar="{true,false}", nargs="?", const=True)
         if f.default is None:
@@ -102,6 +103,9 @@ def write_json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)                  # mkstemp makes 0600; a results file is as readable as any other
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=1)
             f.flush()

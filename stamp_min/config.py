@@ -17,7 +17,7 @@ under the field. `fcl_loop.run(cfg, ...)` takes a Config; notebooks write `Confi
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,10 +37,11 @@ PRESETS = {                      # method -> (client rule, server rule)
     "stamp_sam": ("sgd", "gm"),      # ablation: SAM alone
 }
 METHODS = tuple(PRESETS)
-CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": METHODS, "client": ("",) + CLIENT_RULES,
+CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": ("",) + METHODS, "client": ("",) + CLIENT_RULES,
            "server": ("",) + SERVER_RULES, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
            "device": ("auto", "cpu", "cuda")}
+NOTES = {"method": "(" + ", ".join(f"{m} = {c} + {s}" for m, (c, s) in PRESETS.items()) + ")"}   # --help
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
 
 
@@ -75,7 +76,7 @@ class Config:
     model: str = "cnn"
     """backbone: cnn (2 conv layers) | resnet18 | swin_t"""
     method: str = "fedavg"
-    """preset pair of rules: fedavg fedprox ewc lwf replay agem (that client rule + mean server) | stamp (tam + gm) | stamp_tam (tam + mean) | stamp_sam (sgd + gm)"""
+    """a preset pair of rules: client rule + server rule (empty: give both --client and --server)"""
     client: str = ""
     """client rule, overriding the method's: sgd | fedprox | ewc | lwf | replay | agem | tam (empty = the method's)"""
     server: str = ""
@@ -160,6 +161,12 @@ class Config:
         """The run's name: `name`, else the preset of the rule pair, else "client+server"."""
         return self.name or preset_of(self.client_rule, self.server_rule) or f"{self.client_rule}+{self.server_rule}"
 
+    def resolved(self):
+        """These settings with the rule pair in force spelled out: client and server filled in,
+        method = the preset of that pair, or "" when the pair is no preset (what results record)."""
+        c, s = self.client_rule, self.server_rule
+        return replace(self, method=preset_of(c, s) or "", client=c, server=s)
+
     @property
     def out_path(self):
         return Path(self.out or f"results/{self.dataset}_{self.label}_seed{self.seed}.json")
@@ -168,6 +175,9 @@ class Config:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(a for a in allowed if a)}")
+        if not self.method and not (self.client and self.server):
+            raise UserError(f"method='' needs both rules, got client={self.client!r} server={self.server!r}; "
+                            f"allowed: a method, or --client and --server")
         if self.name and not NAME.fullmatch(self.name):
             raise UserError(f"name={self.name!r} is not a plain name; allowed: up to 80 letters, digits and _.+=- "
                             f"(starting with a letter or digit)")

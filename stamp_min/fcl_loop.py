@@ -22,56 +22,21 @@ that the library's TAM and SAM call. A variant is a function, e.g. a server rule
 Run it:  python -m stamp_min.fcl_loop --help
 """
 
-import re
 import time
 from dataclasses import asdict, replace
-from functools import partial
 
 import torch
 
-from . import checkpoint, client, gradmatch, server
+from . import UserError, checkpoint, client, gradmatch, server
 from .cli import check_writable, main, parse_config, run_info, write_json
 from .client import float_state, load_state, memory_bytes, param_names
-from .config import CHOICES, METHODS, PRESETS, Config  # noqa: F401  (public names of the loop)
+from .config import CHOICES, METHODS, NOTES, PRESETS, Config  # noqa: F401  (public names of the loop)
 from .coreset import task_key
-from .data import load_dataset, make_scenario, to_device_if_small, validation_split
+from .data import Dataset, load_dataset, make_scenario, to_device_if_small, validation_split
 from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
 from .models import build_model
+from .rules import DEFAULTS, bind, checked_aggregate, checked_state, checked_update, qualname, run_name, unchanged, versions
 from .server import participants
-
-# the library's rules: what run() uses for each keyword not given
-DEFAULTS = {"client_update": client.client_update, "end_task": client.end_task, "new_state": client.new_state,
-            "aggregate": server.aggregate, "match": gradmatch.match}
-
-
-def qualname(fn):
-    """"module.qualified_name" of a function (of the one inside a functools.partial)."""
-    f = fn.func if isinstance(fn, partial) else fn
-    return f"{getattr(f, '__module__', None) or '?'}.{getattr(f, '__qualname__', type(f).__name__)}"
-
-
-def rules(client_update=None, end_task=None, new_state=None, aggregate=None, match=None):
-    """(the five rules of a run as {keyword: function}, their qualified names). A rule not given
-    is the library's; the library's client_update and aggregate get the `match` in use."""
-    given = {"client_update": client_update, "end_task": end_task, "new_state": new_state,
-             "aggregate": aggregate, "match": match}
-    fns = {k: v if v is not None else DEFAULTS[k] for k, v in given.items()}
-    names = {k: qualname(v) for k, v in fns.items()}
-    for k in ("client_update", "aggregate"):
-        if fns[k] is DEFAULTS[k]:
-            fns[k] = partial(fns[k], match=fns["match"])
-    return fns, names
-
-
-def run_name(cfg, names):
-    """The name of a run: `cfg.name`, else the preset or client+server, followed by the name of
-    every rule that is not the library's ("fedavg-pcgrad" for run(…, aggregate=pcgrad))."""
-    if cfg.name:
-        return cfg.name
-    own = [re.sub(r"\W+", "_", n.rsplit(".", 1)[-1]).strip("_") or "rule" for k, n in names.items()
-           if n != qualname(DEFAULTS[k])]
-    return "-".join([cfg.label, *own])
-
 
 def mean(values):
     values = list(values)
@@ -138,19 +103,18 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     """Run one experiment; returns the results as a dict (what the CLI writes to JSON).
 
     dataset: a `data.Dataset` already in memory (e.g. generated data), instead of `cfg.dataset`.
-    The rules, each replaceable for this run (defaults: the library's; signatures as theirs):
-        client_update(model, theta, state, x, y, classes, cfg) -> (Δ {name: tensor}, info {"loss": …, …})
-        end_task(model, theta, state, x, y, classes, cfg)        at a task's end, θ = the final model
-        new_state(k, cfg) -> client.ClientState                   client k before its first round
-        aggregate(theta, updates, weights, cfg, params=None, G=None) -> (θ', step)
-        match(updates, c=, solver=, normalize=, G=, **solver settings) -> matched update (gradmatch.match)
-    `match` reaches the library's client_update (TAM) and aggregate (SAM); a rule of yours that
-    wants it calls it itself."""
+    The rules, each replaceable for this run (defaults: the library's; signatures: rules.py):
+    client_update, end_task, new_state, aggregate, and match, the GM operator that the library's
+    client_update (TAM) and aggregate (SAM) call; a rule of yours that wants it calls it itself.
+    Every rule is called with the model holding θ and must not change θ in place."""
     cfg.validate()
-    cfg = replace(cfg, client=cfg.client_rule, server=cfg.server_rule)      # the rule pair in force, spelled out
-    fns, names = rules(client_update, end_task, new_state, aggregate, match)
+    if dataset is not None and not isinstance(dataset, Dataset):
+        raise UserError(f"dataset={type(dataset).__name__} is not a data.Dataset; allowed: None or a data.Dataset "
+                        f"(rules are keywords: run(cfg, aggregate=f))")
+    cfg = cfg.resolved()                                                  # the rule pair in force, spelled out
+    fns, names, own = bind(client_update, end_task, new_state, aggregate, match)
     client_update, end_task, new_state, aggregate = (fns[k] for k in ("client_update", "end_task", "new_state", "aggregate"))
-    name = run_name(cfg, names)
+    name = run_name(cfg, own)
     say = (lambda *a: None) if cfg.quiet else print
     start = time.perf_counter()
     device = device_of(cfg)
@@ -168,7 +132,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     # everything that changes from round to round, in one place, so that it can be checkpointed
     st = {"t": 0, "r": 0, "theta": float_state(model), "acc": torch.full((T, T), float("nan"), dtype=torch.float64),
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
-    clients = [new_state(k, cfg) for k in range(K)]
+    clients = [checked_state(new_state(k, cfg), k, names["new_state"]) for k in range(K)]
     if cfg.resume:
         st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
@@ -187,20 +151,27 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
             task = scenario.tasks[k][t]
             x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
             load_state(model, theta)                        # every rule is called with the model holding θ
-            delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
+            before = versions(theta)
+            delta, info = checked_update(client_update(model, theta, clients[k], x, y, task.classes, cfg), theta,
+                                         names["client_update"])
+            unchanged(theta, before, f"client_update={names['client_update']}")
             updates.append(delta)
             weights.append(len(y))
             infos.append(info)
         t1 = time.perf_counter()
         p_updates = [{n: u[n] for n in params} for u in updates]
         G = gradmatch.gram(p_updates)                       # (K, K) over the weights: diagnostics, and SAM's G
-        theta, step = aggregate(theta, updates, weights, cfg, params=params, G=G)
+        before = versions(theta)
+        new = checked_aggregate(aggregate(theta, updates, weights, cfg, params=params, G=G), theta, names["aggregate"])
+        unchanged(theta, before, f"aggregate={names['aggregate']}")
+        p_step = {n: new[n] - theta[n] for n in params}         # the step taken, measured
+        theta = new
         t2 = time.perf_counter()
         st["theta"], st["comm"] = theta, st["comm"] + 2 * model_bytes * len(ids)   # θ down, Δ up, per participant
         load_state(model, theta)
         cur = task_accuracy(model, ds, scenario, t)
         st["round_acc"][t].append(cur)
-        st["log"].append(round_log(t, r, ids, infos, weights, G, p_updates, {n: step[n] for n in params}, t1 - t0, t2 - t1))
+        st["log"].append(round_log(t, r, ids, infos, weights, G, p_updates, p_step, t1 - t0, t2 - t1))
         st["log"][-1].update(current_task_acc=cur, seconds=time.perf_counter() - t0)
         say(f"task {t + 1}/{T} round {r + 1}/{R} | loss {st['log'][-1]['loss']:.3f} | current-task acc {cur:.3f} "
             f"| spatial cos {st['log'][-1]['spatial_cos']:+.2f} | step/mean {ratio(st['log'][-1]):.2f} | {st['log'][-1]['seconds']:.2f}s")
@@ -211,7 +182,9 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
                 if task_key(task.classes) not in clients[k].seen:
                     continue                                # never drawn during task t (participation < 1)
                 load_state(model, theta)
+                before = versions(theta)
                 end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
+                unchanged(theta, before, f"end_task={names['end_task']}")
             load_state(model, theta)                        # whatever a rule left in the model: evaluate θ
             for j in range(t + 1):
                 st["acc"][t, j] = task_accuracy(model, ds, scenario, j)
@@ -241,7 +214,7 @@ def report(res):
 
 
 def cli(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, notes=NOTES)
     cfg.validate()
     out = cfg.out_path
     check_writable(out)

@@ -32,7 +32,6 @@ aggregates the updates in client order, as the loop does (tests/test_flower.py c
 """
 
 import time
-from dataclasses import replace
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -45,7 +44,8 @@ from flwr.serverapp.strategy import Strategy
 from . import UserError, gradmatch, server
 from .cli import check_writable, write_json
 from .client import float_state, load_state, param_names
-from .fcl_loop import Config, device_of, report, results, round_log, rules, run_name
+from .fcl_loop import Config, device_of, report, results, round_log
+from .rules import DEFAULTS, bind, checked_aggregate, run_name, unchanged, versions
 from .flower_client import (FLOWER_ONLY, FLOWER_SKIPS, client_app, config_from, experiment,  # noqa: F401 (public)
                             make_client_app, on, restore_client, save_client, settings)
 from .metrics import task_accuracy, tensor_bytes
@@ -70,8 +70,9 @@ def check_replies(replies, expected, timeout, clients=None):
 
 
 def client_nodes(grid, K, timeout):
-    """({client k: node id}, {rule: qualified name} of the clients): waits for K SuperNodes, then
-    asks each which client it is and which rules it runs (all must run the same)."""
+    """({client k: node id}, the clients' rules {keyword: qualified name}, their own rules {keyword:
+    short name}): waits for K SuperNodes, then asks each which client it is and which rules it
+    runs (all must run the same)."""
     deadline, said = time.monotonic() + timeout, time.monotonic()
     while len(list(grid.get_node_ids())) < K:
         if time.monotonic() > deadline:
@@ -92,7 +93,8 @@ def client_nodes(grid, K, timeout):
     names = [dict(m.content["rules"]) for m in replies]
     if any(n != names[0] for n in names):
         raise UserError(f"the clients run different rules: {names}; allowed: one ClientApp for every SuperNode")
-    return {int(m.content["metrics"]["client"]): m.metadata.src_node_id for m in replies}, names[0]
+    return ({int(m.content["metrics"]["client"]): m.metadata.src_node_id for m in replies}, names[0],
+            dict(replies[0].content["own"]))
 
 
 class StampStrategy(Strategy):
@@ -107,8 +109,8 @@ class StampStrategy(Strategy):
         evaluate (evaluate_fn)  central accuracy of θ, as fcl_loop measures it
     """
 
-    def __init__(self, cfg, nodes, timeout, aggregate=server.aggregate):
-        self.cfg, self.nodes, self.timeout, self.aggregate = cfg, nodes, timeout, aggregate
+    def __init__(self, cfg, nodes, timeout, aggregate=server.aggregate, name="aggregate"):
+        self.cfg, self.nodes, self.timeout, self.aggregate, self.name = cfg, nodes, timeout, aggregate, name
         self.clients = {node: k for k, node in nodes.items()}            # node id -> client k
         self.device = device_of(cfg)
         self.ds, self.scenario, model = experiment(cfg)
@@ -153,10 +155,14 @@ class StampStrategy(Strategy):
         weights = [int(i["num_examples"]) for i in infos]
         p_updates = [{n: u[n] for n in self.params} for u in updates]
         G = gradmatch.gram(p_updates)                     # (K, K) over the weights: diagnostics, and SAM's G
-        theta, step = self.aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G)
+        before = versions(self.theta)
+        theta = checked_aggregate(self.aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G),
+                                  self.theta, self.name)
+        unchanged(self.theta, before, f"aggregate={self.name}")
+        p_step = {n: theta[n] - self.theta[n] for n in self.params}     # the step taken, measured (as fcl_loop)
         self.comm += 2 * tensor_bytes(theta) * len(self.ids)     # θ down, Δ up, per participant (as fcl_loop)
-        self.log.append(round_log(t, r, self.ids, infos, weights, G, p_updates, {n: step[n] for n in self.params},
-                                  t1 - self.t0, time.perf_counter() - t1))
+        self.log.append(round_log(t, r, self.ids, infos, weights, G, p_updates, p_step, t1 - self.t0,
+                                  time.perf_counter() - t1))
         return ArrayRecord({n: v.cpu() for n, v in theta.items()}), MetricRecord({"loss": self.log[-1]["loss"]})
 
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -197,7 +203,7 @@ class StampStrategy(Strategy):
 def make_server_app(base=Config(), *, aggregate=server.aggregate, match=gradmatch.match):
     """A ServerApp running these rules (defaults: the library's; the library's aggregate gets the
     `match` in use) with the settings `base` changed by the run config."""
-    fns, own = rules(aggregate=aggregate, match=match)
+    fns, own_names, own = bind(aggregate=aggregate, match=match)
     app = ServerApp()
 
     @app.main()
@@ -211,16 +217,17 @@ def make_server_app(base=Config(), *, aggregate=server.aggregate, match=gradmatc
     def serve(grid, context):
         start = time.perf_counter()
         cfg, extra = settings(context.run_config, base)
-        cfg = replace(cfg, client=cfg.client_rule, server=cfg.server_rule)     # the rule pair in force, spelled out
+        cfg = cfg.resolved()                                     # the rule pair in force, spelled out
         _, scenario, model = experiment(cfg)
-        nodes, names = client_nodes(grid, scenario.num_clients, extra["reply_timeout"])
-        if names.get("match") != own["match"]:                 # the clients' TAM and the server's SAM match differently
-            names["match"] = f"{own['match']} (server), {names.get('match')} (clients)"
-        names = {**names, "aggregate": own["aggregate"]}
-        name = run_name(cfg, names)
+        nodes, names, theirs = client_nodes(grid, scenario.num_clients, extra["reply_timeout"])
+        if names.get("match") != own_names["match"]:          # the clients' TAM and the server's SAM match differently
+            names["match"] = f"{own_names['match']} (server), {names.get('match')} (clients)"
+            own["match"] = "-".join(filter(None, (own.get("match"), theirs.get("match"))))
+        names = {k: names.get(k, own_names[k]) for k in DEFAULTS}                # in the loop's order
+        name = run_name(cfg, {**theirs, **own})
         out = Path(cfg.out or f"results/{cfg.dataset}_{name}_seed{cfg.seed}_flower.json")
         check_writable(out)                                          # fail now, not after the run
-        strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"])
+        strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"], names["aggregate"])
         result = strategy.start(grid, ArrayRecord(float_state(model)), timeout=extra["reply_timeout"],
                                 num_rounds=scenario.num_tasks * cfg.rounds_per_task, evaluate_fn=strategy.evaluate)
         res = {"engine": "flower", **results(cfg, scenario, strategy.acc, strategy.round_acc, strategy.log, strategy.comm,

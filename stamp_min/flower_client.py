@@ -25,7 +25,8 @@ from flwr.clientapp import ClientApp
 
 from . import UserError, client, gradmatch
 from .client import load_state, memory_bytes, restore, state_dict
-from .fcl_loop import Config, build, device_of, rules
+from .fcl_loop import Config, build, device_of
+from .rules import bind, checked_state, checked_update, unchanged, versions
 
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
 FLOWER_SKIPS = ("checkpoint_dir", "resume", "plot", "quiet")   # fcl_loop-only settings
@@ -155,13 +156,24 @@ def restore_client(context, k, cfg, done, new_state=client.new_state):
 # ClientApp
 
 
+def numbers(info, name):
+    """client_update's info as a MetricRecord can carry it: numbers, or lists of numbers."""
+    ok = lambda v: type(v) in (int, float) or (isinstance(v, list) and all(type(x) in (int, float) for x in v))  # noqa: E731
+    bad = [k for k, v in info.items() if not ok(v)]
+    if bad:
+        raise UserError(f"client_update={name}: info[{bad[0]!r}] is a {type(info[bad[0]]).__name__}; allowed: numbers "
+                        f"(Flower sends a client's info as a MetricRecord)")
+    return info
+
+
 def make_client_app(base=Config(), *, client_update=client.client_update, end_task=client.end_task,
                     new_state=client.new_state, match=gradmatch.match):
     """A ClientApp running these rules (defaults: the library's) with the settings `base` changed
     by the run config."""
-    fns, names = rules(client_update, end_task, new_state, None, match)
+    fns, names, own = bind(client_update, end_task, new_state, None, match)
     del names["aggregate"]                                                  # the server's rule
     client_update = fns["client_update"]                                   # the library's gets `match`
+    checked_new_state = lambda k, cfg: checked_state(new_state(k, cfg), k, names["new_state"])   # noqa: E731
     app = ClientApp()
 
     def whoami(context):
@@ -187,7 +199,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         if list(task.classes) != classes:
             raise UserError(f"client {k}, task {t}: the server sends classes {classes} but this client's scenario has "
                             f"{list(task.classes)}; allowed: the same dataset, scenario and seed settings everywhere")
-        state = restore_client(context, k, cfg, int(config["done"]), new_state)
+        state = restore_client(context, k, cfg, int(config["done"]), checked_new_state)
         device = device_of(cfg)
         theta = on(msg.content["arrays"], device)
         load_state(model := model.to(device), theta)                # every rule is called with the model holding θ
@@ -215,21 +227,26 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         cfg, k = whoami(context)
         answer = reply(msg, {"client": k, "num-partitions": int(context.node_config.get("num-partitions", -1))})
         answer.content["rules"] = ConfigRecord(names)                      # the server records them
+        answer.content["own"] = ConfigRecord(own)                          # and names the run after them
         return answer
 
     @app.train()
     @guarded
     def train(msg, context):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
-        delta, info = client_update(model, theta, state, x, y, classes, cfg)
+        before = versions(theta)
+        delta, info = checked_update(client_update(model, theta, state, x, y, classes, cfg), theta, names["client_update"])
+        unchanged(theta, before, f"client_update={names['client_update']}")
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
-        return reply(msg, {"client": k, "num_examples": len(y), **info}, delta)     # info: fcl_loop's round log
+        return reply(msg, {**numbers(info, names["client_update"]), "client": k, "num_examples": len(y)}, delta)
 
     @app.train("end_task")
     @guarded
     def finish_task(msg, context):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
+        before = versions(theta)
         end_task(model, theta, state, x, y, classes, cfg)
+        unchanged(theta, before, f"end_task={names['end_task']}")
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
         return reply(msg, {"client": k, "memory_bytes": memory_bytes(state)})
 

@@ -65,3 +65,8 @@ def test_quick_run_writes_every_claim_with_a_computed_verdict(tmp_path):
     assert next(c for c in rep["claims"] if c["id"] == "C7")["verdict"] == "supported"    # exact counts hold
     md = (tmp_path / "claims.md").read_text()
     assert "QUICK smoke run, not a result" in md and md.count("| **") == len(ids)
+    # the verdicts can be recomputed from the stored runs alone, with the same outcome
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "claims.py"), "--report-only", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "claims.md").read_text() == md

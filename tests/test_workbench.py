@@ -36,6 +36,7 @@ def test_a_preset_is_bit_identical_to_its_explicit_pair(method):
     b = run(Config(**TINY, client=c, server=s, seed=2))                 # the default method is fedavg: overridden
     assert same(a, b) and a["name"] == b["name"] == method
     assert a["config"]["client"] == b["config"]["client"] == c and a["config"]["server"] == s
+    assert a["config"]["method"] == b["config"]["method"] == method       # the pair's preset is recorded
 
 
 def test_passing_the_librarys_own_rules_changes_nothing():
@@ -183,7 +184,7 @@ def test_resume_refuses_other_functions_and_keeps_the_variants_state(tmp_path):
     stop["client"] = None
     with pytest.raises(UserError, match=r"^new_state=stamp_min.client.new_state differs from the checkpoint's .*tagged_state"):
         run(replace(ck, resume=True), end_task=checked_end_task)
-    with pytest.raises(UserError, match="aggregate=.*<lambda> differs"):
+    with pytest.raises(UserError, match=r"aggregate=.*<lambda>:\d+ differs"):
         run(replace(ck, resume=True), new_state=tagged_state, end_task=checked_end_task,
             aggregate=lambda *a, **k: server.aggregate(*a, **k))
     resumed = run(replace(ck, resume=True), new_state=tagged_state, end_task=checked_end_task)
@@ -229,3 +230,87 @@ def test_no_test_or_notebook_monkeypatches_the_library():
             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("setattr") and node.args:
                 first = ast.unparse(node.args[0])
                 assert first.split(".")[0] not in ours and "stamp_min" not in first, f"{path.name}: {ast.unparse(node)}"
+
+
+def test_a_rule_that_changes_theta_in_place_is_a_one_line_error():
+    cfg = Config(**TINY, method="fedavg")
+
+    def sneaky(model, theta, state, x, y, classes, cfg):
+        delta, info = client.client_update(model, theta, state, x, y, classes, cfg)
+        theta[next(iter(theta))].add_(1.0)                          # the next client would start from this
+        return delta, info
+    with pytest.raises(UserError, match=r"^client_update=.*sneaky changed θ in place"):
+        run(cfg, client_update=sneaky)
+
+    def zeroing(model, theta, state, x, y, classes, cfg):
+        for v in theta.values():
+            v.mul_(0)
+    with pytest.raises(UserError, match=r"^end_task=.*zeroing changed θ in place"):
+        run(cfg, end_task=zeroing)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda theta, *a, **k: ({n: v[:1].clone() for n, v in theta.items()}, {}), r"θ'\['.*'\] is \(1"),
+    (lambda theta, *a, **k: ({n: v for n, v in list(theta.items())[1:]}, {}), "has entries"),
+    (lambda theta, *a, **k: ({n: v * float("nan") for n, v in theta.items()}, {}), "is not finite"),
+    (lambda theta, *a, **k: {n: v for n, v in theta.items()}, "returned dict; allowed: \\(θ'")])
+def test_what_a_server_rule_returns_is_checked(bad, message):
+    with pytest.raises(UserError, match=r"^aggregate=test_workbench.<lambda>:\d+.*" + message):
+        run(Config(**TINY), aggregate=bad)
+
+
+def test_what_client_rules_return_is_checked():
+    cfg = Config(**TINY)
+    with pytest.raises(UserError, match=r"client_update=.* returned tuple; allowed: \(Δ"):
+        run(cfg, client_update=lambda *a: (client.client_update(*a)[0], {}))               # no "loss"
+    with pytest.raises(UserError, match=r"Δ\['.*'\] is \(2,\)"):
+        run(cfg, client_update=lambda *a: ({n: torch.zeros(2) for n in a[1]}, {"loss": 0.0}))
+    with pytest.raises(UserError, match="new_state=.* returned .* for client 0; allowed: a client.ClientState"):
+        run(cfg, new_state=lambda k, cfg: replace(client.new_state(k, cfg), rng=None))
+
+
+def test_rules_must_be_functions_given_by_keyword_and_a_match_must_be_called():
+    cfg = Config(**TINY)
+    with pytest.raises(UserError, match="dataset=function is not a data.Dataset"):
+        run(cfg, lambda *a: None)
+    with pytest.raises(UserError, match="aggregate='gm' is not a function"):
+        run(cfg, aggregate="gm")
+
+    def own_update(*a):
+        return client.client_update(*a)
+
+    def own_aggregate(*a, **k):
+        return server.aggregate(*a, **k)
+    with pytest.raises(UserError, match="match=.* would never be called"):
+        run(cfg, client_update=own_update, aggregate=own_aggregate, match=lambda u, **k: gradmatch.match(u, **k))
+
+
+def test_partials_and_lambdas_are_recorded_with_what_makes_them_different():
+    from functools import partial
+
+    def per_layer(updates, G=None, **kw):
+        return {n: gradmatch.match(torch.stack([u[n] for u in updates]), **kw) for n in updates[0]}
+    res = run(Config(**TINY, method="stamp"), aggregate=partial(server.aggregate, match=per_layer))
+    assert res["rules"]["aggregate"] == ("stamp_min.server.aggregate(match=test_workbench.test_partials_and_lambdas_"
+                                         "are_recorded_with_what_makes_them_different.<locals>.per_layer)")
+    assert res["name"] == "stamp-aggregate-per_layer"
+    one = lambda *a, **k: server.aggregate(*a, **k)          # noqa: E731  two lambdas, told apart by their lines
+    two = lambda *a, **k: server.aggregate(*a, **k)          # noqa: E731
+    assert run(Config(**TINY), aggregate=one)["rules"]["aggregate"] != run(Config(**TINY), aggregate=two)["rules"]["aggregate"]
+
+
+def test_the_logged_step_is_measured_not_taken_from_the_rule():
+    def lying(theta, updates, weights, cfg, params=None, G=None):      # moves θ, claims a zero step
+        new, _ = server.aggregate(theta, updates, weights, cfg, params, G)
+        return new, {n: torch.zeros_like(v) for n, v in theta.items()}
+    a, b = run(Config(**TINY), aggregate=lying), run(Config(**TINY))
+    assert same(a, b) and [r["step_norm"] for r in a["rounds"]] == [r["step_norm"] for r in b["rounds"]]
+    assert all(r["step_norm"] > 0 for r in a["rounds"])
+
+
+def test_the_results_record_the_preset_of_the_pair_or_none():
+    assert run(Config(**TINY, client="tam", server="mean"))["config"]["method"] == "stamp_tam"
+    res = run(Config(**TINY, method="", client="replay", server="gm"))
+    assert res["config"]["method"] == "" and res["name"] == "replay+gm"
+    with pytest.raises(UserError, match="method='' needs both rules"):
+        run(Config(**TINY, method="", client="replay"))
