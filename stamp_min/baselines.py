@@ -1,8 +1,8 @@
 """The baselines STAMP must beat, as small client-side pieces on the same loop (METHOD §1.7).
 
-Each baseline changes local training in one place. `client.local_train` takes an `extra_loss`
-(added to the cross-entropy of every batch) and an `after_backward` hook (may edit the gradients
-before the optimiser step); a baseline is one of those, built here:
+Each baseline changes local training in one place. `client.local_train` takes `extra_losses`
+(functions whose values are added to the cross-entropy of every batch) and an `after_backward`
+hook (may edit the gradients before the optimiser step); a baseline is one of those, built here:
 
     FedProx   extra  (μ/2)·||w − θ||²                         pull towards the received model θ
     FL+EWC    extra  (λ/2)·Σ_i F_i (w_i − w*_i)²              F: diagonal Fisher at the end of each

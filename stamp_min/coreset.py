@@ -225,13 +225,14 @@ class MixStyle(nn.Module):
         return sig_mix * (x - mu) / sig + mu_mix
 
     def _beta(self, n):
-        """(n,) draws of Beta(alpha, alpha); torch.distributions takes no generator, so with one
-        we seed a forked global RNG from it (public API only)."""
+        """(n,) draws of Beta(alpha, alpha), on the CPU; torch.distributions takes no generator, so
+        with one we seed the CPU's default generator from it inside fork_rng, which restores it
+        (only the CPU's: torch.manual_seed would also re-seed every CUDA generator, unrestored)."""
         beta = torch.distributions.Beta(float(self.alpha), float(self.alpha))
         if self.generator is None:
             return beta.sample((n,))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (), generator=self.generator)))
+            torch.default_generator.manual_seed(int(torch.randint(2**62, (), generator=self.generator)))
             return beta.sample((n,))
 
     def extra_repr(self):

@@ -72,13 +72,16 @@ def tensor_bytes(tensors):
 
 @torch.no_grad()
 def correct(model, x, y, batch_size=1024):
-    """Number of images of (x, y) the model classifies right (argmax over all classes)."""
+    """Number of images of (x, y) the model classifies right (argmax over all classes), in eval
+    mode; the model is left in the mode it came in."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     hits = 0
     for i in range(0, len(y), batch_size):
         logits = model(x[i:i + batch_size].to(device))
         hits += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
+    model.train(was_training)
     return hits
 
 

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 import pytest
 
 from stamp_min.metrics import average_accuracy, bwt, current_task_accuracy, forgetting, summary, tensor_bytes
@@ -42,3 +44,16 @@ def test_current_task_accuracy_is_best_over_rounds():
 def test_tensor_bytes():
     import torch
     assert tensor_bytes({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16)}) == 48 + 10
+
+
+def test_evaluation_leaves_the_model_in_the_mode_it_found():
+    import torch.nn as nn
+    from stamp_min.metrics import correct
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Dropout(0.5))
+    x, y = torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    model.train()
+    correct(model, x, y)
+    assert model.training
+    model.eval()
+    correct(model, x, y)
+    assert not model.training
