@@ -6,7 +6,9 @@ Starts, on loopback:  1 SuperLink (flower-superlink --insecure, HTTP API on a fr
                       2 SuperNodes (flower-supernode --node-config "partition-id=k num-partitions=2")
 then submits, with `flwr run flower <connection> --stream` (the Flower App in flower/, settings
 through --run-config), first a job with an unknown method, which must fail with the reason in
-its log and leave the federation running, then a tiny STAMP job, which must finish with
+its log and leave the federation running, then a hostile job whose `out` points outside the
+server's results folder ($STAMP_RESULTS_DIR), which must be refused with nothing written, then a
+tiny STAMP job, which must finish with
 sensible accuracy and with fcl_loop's accuracy matrix (same job, one thread). It stops every
 process it started (their process groups, then any process that still has our FLWR_HOME). Exit 0: all good; 1: a check failed; the logs of
 every process are printed on failure. The whole check is bounded by --timeout seconds.
@@ -85,7 +87,8 @@ def main():
     home = tmp / "flwr-home"                           # our own FLWR_HOME: ~/.flwr is never touched
     home.mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
-           "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+           "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "STAMP_RESULTS_DIR": str(tmp / "results")}          # the operator's results folder (server side)
     link = free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                       f'address = "127.0.0.1:{link}"\ninsecure = true\n')
@@ -121,7 +124,7 @@ def main():
         raise RuntimeError(f"stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
-    out = tmp / "results.json"
+    out = tmp / "results" / "results.json"
     ok, why, left = False, "", []
     try:
         start("superlink", [BIN / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
@@ -132,15 +135,21 @@ def main():
                                     "--node-config", f"partition-id={k} num-partitions=2"])
         # 1. bad input: the run fails with the reason in its log, and the federation stays up
         t0 = time.monotonic()
-        bad = submit("bad-run", {**JOB, "method": "sgd", "out": str(tmp / "bad.json")})
+        bad = submit("bad-run", {**JOB, "method": "sgd", "out": "bad.json"})
         plain = re.sub(r"\x1b\[[0-9;]*m", "", bad)               # without the log's colour codes
-        bad_ok = "stamp_min: method='sgd' is unknown" in plain and not (tmp / "bad.json").exists()
+        bad_ok = "stamp_min: method='sgd' is unknown" in plain and not (tmp / "results" / "bad.json").exists()
         line = next((ln.strip() for ln in plain.splitlines() if "stamp_min: method='sgd'" in ln), "(no such line)")
         print(f"bad input (method='sgd'): {'refused' if bad_ok else 'NOT refused clearly'} in "
               f"{time.monotonic() - t0:.0f} s; flwr run's log says: {line}")
-        # 2. the real job
+        # 2. a job that asks for a path outside the server's results folder: refused, nothing written
         t0 = time.monotonic()
-        submit("flwr-run", {**JOB, "out": str(out)})
+        escape = re.sub(r"\x1b\[[0-9;]*m", "", submit("escape-run", {**JOB, "out": "../escape.json"}))
+        escape_ok = "stamp_min: out='../escape.json' is not a plain file name" in escape and not (tmp / "escape.json").exists()
+        print(f"hostile job (out='../escape.json'): {'refused' if escape_ok else 'NOT refused'} in "
+              f"{time.monotonic() - t0:.0f} s")
+        # 3. the real job
+        t0 = time.monotonic()
+        submit("flwr-run", {**JOB, "out": out.name})
         if not out.exists():
             why = "the run ended without results"
         else:
@@ -148,7 +157,7 @@ def main():
             acc = res["avg_accuracy"]
             ref = in_process(JOB)
             same = same_matrix(res["acc_matrix"], ref)
-            ok = bad_ok and same and res["engine"] == "flower" and acc >= MIN_ACCURACY
+            ok = bad_ok and escape_ok and same and res["engine"] == "flower" and acc >= MIN_ACCURACY
             why = (f"run finished in {time.monotonic() - t0:.0f} s: average accuracy {acc:.3f} (needs >= {MIN_ACCURACY}); "
                    f"accuracy matrix {res['acc_matrix']}, {'equal to' if same else 'NOT equal to'} fcl_loop's {ref}")
     except RuntimeError as e:

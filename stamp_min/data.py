@@ -118,9 +118,10 @@ def _image_folder(root, image_size):
                                 f"allowed: the same class sub-folders in both")
             return x, y, x_te, y_te, len(classes)
         x, y, classes = load(root)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"dataset='imagefolder': cannot read {str(root)!r} ({e}); allowed: a folder "
-                        f"with one sub-folder of images per class (optionally under train/ and val/)") from None
+    except (FileNotFoundError, RuntimeError) as e:     # torchvision's message would list the folder's contents
+        raise UserError(f"dataset='imagefolder': cannot read {str(root)!r} ({type(e).__name__}: no class folder with "
+                        f"readable images); allowed: a folder with one sub-folder of images per class (optionally "
+                        f"under train/ and val/)") from None
     tr, te = _holdout(y, 0.2, seed=0)
     return x[tr], y[tr], x[te], y[te], len(classes)
 

@@ -14,7 +14,9 @@ of stamp_min never imports this file or flower_client.py.
         evaluate_fn: accuracy of θ on every client's tasks (central, as in fcl_loop)
       write the results JSON (fcl_loop's format, "engine": "flower") and the final model beside it
 
-Settings: every `Config` field, from the run config (`--run-config "method='stamp' gm-c=0.5"`,
+Settings: every `Config` field but the operator's (where data live: a SuperNode's node config
+"data-root"/"download", the server's $STAMP_DATA_ROOT; where results go: $STAMP_RESULTS_DIR, of
+which a job's `out` names one file), from the run config (`--run-config "method='stamp' gm-c=0.5"`,
 field names with "-" or "_"), plus `reply-timeout` (seconds a client may stay silent);
 `flower/pyproject.toml` lists them with their defaults. The ServerApp and every ClientApp build
 the same scenario from the same settings and seed; the server also sends each client the classes
@@ -31,7 +33,10 @@ which travels with the rest of its state; the server draws the participants from
 aggregates the updates in client order, as the loop does (tests/test_flower.py checks it).
 """
 
+import os
+import re
 import time
+from dataclasses import replace
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -53,6 +58,23 @@ from .server import participants
 
 # ---------------------------------------------------------------------------------------------
 # ServerApp
+
+
+FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}\.json")      # a job's `out`: a bare file name
+
+
+def results_path(folder, out, default, overwrite=False):
+    """Where the server writes a job's results: `out` (a bare *.json name, no folders) or `default`,
+    inside the operator's results `folder`. An existing file is kept unless the operator allows
+    overwriting. Every refusal is one line that names no server folder."""
+    if out and not FILE.fullmatch(out):
+        raise UserError(f"out={out!r} is not a plain file name; allowed: a name like 'stamp.json' (letters, digits, "
+                        f"_.+=-; no folders): the server keeps results in its operator's results folder")
+    path = Path(folder) / (out or default)
+    if not overwrite and (path.exists() or path.with_name(path.stem + "_model.pt").exists()):
+        raise UserError(f"out={path.name!r} exists in the server's results folder; allowed: another name (the operator "
+                        f"may allow overwriting: STAMP_OVERWRITE=1)")
+    return path
 
 
 def check_replies(replies, expected, timeout, clients=None):
@@ -200,9 +222,15 @@ class StampStrategy(Strategy):
             self.cfg.server_rule, len(self.nodes), self.scenario.num_tasks, self.cfg.rounds_per_task)
 
 
-def make_server_app(base=Config(), *, aggregate=server.aggregate, match=gradmatch.match):
+def make_server_app(base=Config(), *, results_dir=None, overwrite=None, aggregate=server.aggregate,
+                    match=gradmatch.match):
     """A ServerApp running these rules (defaults: the library's; the library's aggregate gets the
-    `match` in use) with the settings `base` changed by the run config."""
+    `match` in use) with the settings `base` changed by the run config.
+
+    The operator's settings, which no job can change: results_dir (default: $STAMP_RESULTS_DIR, else
+    ./results) holds every results file, a job's `out` only names a file in it; overwrite (default:
+    $STAMP_OVERWRITE=1) lets a job replace an existing one; the server's data folder is
+    base.data_root, or $STAMP_DATA_ROOT."""
     fns, own_names, own = bind(aggregate=aggregate, match=match)
     app = ServerApp()
 
@@ -218,6 +246,11 @@ def make_server_app(base=Config(), *, aggregate=server.aggregate, match=gradmatc
         start = time.perf_counter()
         cfg, extra = settings(context.run_config, base)
         cfg = cfg.resolved()                                     # the rule pair in force, spelled out
+        cfg = replace(cfg, data_root=os.environ.get("STAMP_DATA_ROOT", cfg.data_root))        # the operator's
+        folder = Path(results_dir or os.environ.get("STAMP_RESULTS_DIR", "results"))
+        allow = overwrite if overwrite is not None else os.environ.get("STAMP_OVERWRITE") == "1"
+        if cfg.out and not FILE.fullmatch(cfg.out):                # refuse before any client is asked
+            results_path(folder, cfg.out, "", allow)
         _, scenario, model = experiment(cfg)
         nodes, names, theirs = client_nodes(grid, scenario.num_clients, extra["reply_timeout"])
         if names.get("match") != own_names["match"]:          # the clients' TAM and the server's SAM match differently
@@ -225,7 +258,7 @@ def make_server_app(base=Config(), *, aggregate=server.aggregate, match=gradmatc
             own["match"] = "-".join(filter(None, (own.get("match"), theirs.get("match"))))
         names = {k: names.get(k, own_names[k]) for k in DEFAULTS}                # in the loop's order
         name = run_name(cfg, {**theirs, **own})
-        out = Path(cfg.out or f"results/{cfg.dataset}_{name}_seed{cfg.seed}_flower.json")
+        out = results_path(folder, cfg.out, f"{cfg.dataset}_{name}_seed{cfg.seed}_flower.json", allow)
         check_writable(out)                                          # fail now, not after the run
         strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"], names["aggregate"])
         result = strategy.start(grid, ArrayRecord(float_state(model)), timeout=extra["reply_timeout"],

@@ -29,7 +29,9 @@ from .fcl_loop import Config, build, device_of
 from .rules import bind, checked_state, checked_update, unchanged, versions
 
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
-FLOWER_SKIPS = ("checkpoint_dir", "resume", "plot", "quiet")   # fcl_loop-only settings
+# not job settings: fcl_loop-only ones, and where data live on a machine (the operator's: a SuperNode's
+# --node-config "data-root=... download=...", the server's STAMP_DATA_ROOT), never the job submitter's
+FLOWER_SKIPS = ("checkpoint_dir", "resume", "plot", "quiet", "data_root", "download")
 FLOWER_ONLY = {"reply_timeout": 600.0}   # seconds a client may stay silent before the run stops
 
 
@@ -58,6 +60,14 @@ def settings(run_config, base=Config()):
 
 def config_from(run_config, base=Config()):
     return settings(run_config, base)[0]
+
+
+def node_settings(cfg, node_config):
+    """`cfg` with this machine's data settings: node config "data-root" and "download" (operator's)."""
+    download = node_config.get("download", cfg.download)
+    if not isinstance(download, bool):
+        download = str(download).lower() in ("1", "true", "yes", "on")
+    return replace(cfg, data_root=str(node_config.get("data-root", cfg.data_root)), download=download)
 
 
 def experiment(cfg):
@@ -178,7 +188,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
 
     def whoami(context):
         """(Config, client k) from the run config and this SuperNode's node config."""
-        cfg = config_from(context.run_config, base)
+        cfg = node_settings(config_from(context.run_config, base), context.node_config)
         if "partition-id" not in context.node_config:
             raise UserError("this SuperNode has no partition-id; allowed: flower-supernode --node-config "
                             "'partition-id=K num-partitions=N' with K in 0..N-1")

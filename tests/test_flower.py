@@ -24,7 +24,8 @@ from stamp_min.client import new_state  # noqa: E402
 from stamp_min.coreset import task_key  # noqa: E402
 from stamp_min.fcl_loop import Config, run  # noqa: E402
 from stamp_min.flower_app import (FLOWER_ONLY, FLOWER_SKIPS, config_from, make_client_app, make_server_app,  # noqa: E402
-                                  restore_client, save_client, settings)
+                                  restore_client, results_path, save_client, settings)
+from stamp_min.flower_client import node_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -38,9 +39,12 @@ def small(**kw):
 
 
 def simulate(cfg, out, client_cfg=None, server_rules=None, client_rules=None):
-    cfg = replace(cfg, out=str(out))
-    run_simulation(make_server_app(cfg, **(server_rules or {})), make_client_app(client_cfg or cfg, **(client_rules or {})),
-                   num_supernodes=cfg.num_clients, backend_config=BACKEND)
+    """Run the apps on Flower's simulation engine; the results go to `out` (the server's results
+    folder is out's folder, the job names the file)."""
+    cfg = replace(cfg, out=out.name)
+    run_simulation(make_server_app(cfg, results_dir=out.parent, **(server_rules or {})),
+                   make_client_app(client_cfg or cfg, **(client_rules or {})), num_supernodes=cfg.num_clients,
+                   backend_config=BACKEND)
 
 
 def assert_flower_equals_the_loop(cfg, tmp_path, server_rules=None, client_rules=None):
@@ -128,6 +132,37 @@ def test_bad_settings_are_one_line_errors_and_types_are_checked():
     assert cfg == replace(Config(), gm_c=1.0, num_clients=3) and extra == {"reply_timeout": 30.0}
 
 
+@pytest.mark.parametrize("out", ["../escape.json", "/etc/stamp.json", "sub/dir.json", "..json", ".hidden.json",
+                                 "notes.txt", "a b.json", "x" * 200 + ".json", "C:\\evil.json"])
+def test_a_job_cannot_choose_a_server_path(out, tmp_path):
+    with pytest.raises(UserError, match=r"^out=.* is not a plain file name; allowed: a name like 'stamp.json'") as e:
+        results_path(tmp_path, out, "default.json")
+    assert str(tmp_path) not in str(e.value)                           # the error names no server folder
+    assert not list(tmp_path.iterdir())
+
+
+def test_results_stay_in_the_operators_folder_and_are_not_overwritten(tmp_path):
+    assert results_path(tmp_path, "stamp.json", "d.json") == tmp_path / "stamp.json"
+    assert results_path(tmp_path, "", "d.json") == tmp_path / "d.json"
+    (tmp_path / "stamp.json").write_text("{}")
+    with pytest.raises(UserError, match=r"out='stamp.json' exists in the server's results folder") as e:
+        results_path(tmp_path, "stamp.json", "d.json")
+    assert str(tmp_path) not in str(e.value)
+    assert results_path(tmp_path, "stamp.json", "d.json", overwrite=True) == tmp_path / "stamp.json"
+    (tmp_path / "other_model.pt").write_bytes(b"")                      # the model beside it counts too
+    with pytest.raises(UserError, match="exists"):
+        results_path(tmp_path, "other.json", "d.json")
+
+
+def test_where_data_live_is_the_operators_setting_not_the_jobs():
+    for key, value in (("data-root", "/etc"), ("download", True), ("data_root", "/")):
+        with pytest.raises(UserError, match=f"run config {key}=.* is unknown"):
+            config_from({key: value})
+    cfg = node_settings(small(), {"partition-id": 0, "data-root": "/srv/data", "download": "true"})
+    assert cfg.data_root == "/srv/data" and cfg.download is True
+    assert node_settings(small(), {"partition-id": 0}) == small()
+
+
 def test_client_state_round_trips_through_flower_records_and_bad_state_is_a_clear_error():
     cfg = small(method="ewc")
     state = new_state(1, cfg)
@@ -175,3 +210,4 @@ def test_loopback_deployment_superlink_two_supernodes_and_flwr_run():
     print(out[-4000:])
     assert p.returncode == 0 and "OK: run finished" in out and "NOT" not in out
     assert "bad input (method='sgd'): refused" in out
+    assert "hostile job (out='../escape.json'): refused" in out
