@@ -45,11 +45,19 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def parse_config(cls, argv=None, description=None, notes=None):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the flag and what is allowed) and exit status 2,
+    not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; allowed: see {self.prog} --help\n")
+
+
+def parse_config(cls, argv=None, description=None, notes=None, prog=None):
     """Parse argv into an instance of the dataclass `cls` (defaults = the dataclass defaults).
     notes: {field: text} appended to a field's help (text computed from tables, e.g. presets)."""
     docs = field_docs(cls)
-    p = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+    p = OneLineParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = {bool: _bool, int: int, float: float}.get(f.type, str)

@@ -197,6 +197,8 @@ class Config:
                 raise UserError(f"{name}={getattr(self, name)} must be non-negative; allowed: >= 0")
         if not 0 < self.participation <= 1:
             raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
+        if self.checkpoint_dir and self.out and Path(self.out).resolve() == (Path(self.checkpoint_dir) / "checkpoint.pt").resolve():
+            raise UserError(f"out={self.out!r} is the checkpoint file; allowed: a results path outside the checkpoint")
         if self.resume and not self.checkpoint_dir:
             raise UserError("resume=True needs checkpoint_dir; allowed: --checkpoint-dir DIR --resume true")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -214,7 +214,7 @@ def report(res):
 
 
 def cli(argv=None):
-    cfg = parse_config(Config, argv, notes=NOTES)
+    cfg = parse_config(Config, argv, notes=NOTES, prog="python -m stamp_min.fcl_loop")
     cfg.validate()
     out = cfg.out_path
     check_writable(out)

@@ -268,7 +268,7 @@ def _run(cfg):
 
 def cli(argv=None):
     def go():
-        cfg = parse_config(Config, argv)
+        cfg = parse_config(Config, argv, prog="python -m stamp_min.flora_loop")
         cfg.validate()
         out = cfg.out_path
         check_writable(out)

@@ -62,5 +62,19 @@ def cosine_map(C, labels=None, title="pairwise cosine of updates", ax=None):
 
 
 def save(fig, path, dpi=100):
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    """Write the figure atomically (temp file in the same folder, then rename): a failed write
+    leaves the previous picture, never half a file."""
+    import os
+    import tempfile
+    from pathlib import Path
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

@@ -112,3 +112,32 @@ def test_a_user_mistake_shows_no_traceback_from_the_shell():
     p = subprocess.run([sys.executable, "-m", "stamp_min.fcl_loop", "--dataset", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("argv, says", [(["--num-clients", "x"], "argument --num-clients: invalid int value: 'x'"),
+                                        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+                                        (["--mixstyle", "maybe"], "argument --mixstyle")])
+def test_a_bad_flag_is_one_line_and_exit_2(argv, says):
+    p = subprocess.run([sys.executable, "-m", "stamp_min.fcl_loop", *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and says in p.stderr
+    assert "see python -m stamp_min.fcl_loop --help" in p.stderr and "usage:" not in p.stderr
+
+
+def test_the_results_file_can_never_be_the_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(lambda: cli(["--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "checkpoint.pt")]))
+    assert e.value.code == 2 and not list(tmp_path.iterdir())
+
+
+def test_a_failed_picture_write_keeps_the_previous_picture(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from stamp_min import plots
+    old = tmp_path / "acc.xyz"
+    old.write_text("the previous picture")
+    with pytest.raises(ValueError):                      # matplotlib knows no .xyz format: the write fails
+        plots.save(plots.accuracy_matrix([[0.5]]), old)
+    assert old.read_text() == "the previous picture" and [f.name for f in tmp_path.iterdir()] == ["acc.xyz"]
+    png = tmp_path / "acc.png"
+    plots.save(plots.accuracy_matrix([[0.5]]), png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
