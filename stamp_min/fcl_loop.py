@@ -35,7 +35,7 @@ from .coreset import task_key
 from .data import Dataset, load_dataset, make_scenario, to_device_if_small, validation_split
 from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
 from .models import build_model
-from .rules import DEFAULTS, bind, checked_aggregate, checked_state, checked_update, qualname, run_name, unchanged, versions
+from .rules import DEFAULTS, bind, qualname, run_name
 from .server import participants
 
 def mean(values):
@@ -132,7 +132,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     # everything that changes from round to round, in one place, so that it can be checkpointed
     st = {"t": 0, "r": 0, "theta": float_state(model), "acc": torch.full((T, T), float("nan"), dtype=torch.float64),
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
-    clients = [checked_state(new_state(k, cfg), k, names["new_state"]) for k in range(K)]
+    clients = [new_state(k, cfg) for k in range(K)]
     if cfg.resume:
         st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
@@ -151,19 +151,14 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
             task = scenario.tasks[k][t]
             x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
             load_state(model, theta)                        # every rule is called with the model holding θ
-            before = versions(theta)
-            delta, info = checked_update(client_update(model, theta, clients[k], x, y, task.classes, cfg), theta,
-                                         names["client_update"])
-            unchanged(theta, before, f"client_update={names['client_update']}")
+            delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
             updates.append(delta)
             weights.append(len(y))
             infos.append(info)
         t1 = time.perf_counter()
         p_updates = [{n: u[n] for n in params} for u in updates]
         G = gradmatch.gram(p_updates)                       # (K, K) over the weights: diagnostics, and SAM's G
-        before = versions(theta)
-        new = checked_aggregate(aggregate(theta, updates, weights, cfg, params=params, G=G), theta, names["aggregate"])
-        unchanged(theta, before, f"aggregate={names['aggregate']}")
+        new = aggregate(theta, updates, weights, cfg, params=params, G=G)     # θ' (checked; rules.py)
         p_step = {n: new[n] - theta[n] for n in params}         # the step taken, measured
         theta = new
         t2 = time.perf_counter()
@@ -182,9 +177,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
                 if task_key(task.classes) not in clients[k].seen:
                     continue                                # never drawn during task t (participation < 1)
                 load_state(model, theta)
-                before = versions(theta)
                 end_task(model, theta, clients[k], ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes, cfg)
-                unchanged(theta, before, f"end_task={names['end_task']}")
             load_state(model, theta)                        # whatever a rule left in the model: evaluate θ
             for j in range(t + 1):
                 st["acc"][t, j] = task_accuracy(model, ds, scenario, j)

@@ -50,7 +50,7 @@ from . import UserError, gradmatch, server
 from .cli import check_writable, write_json
 from .client import float_state, load_state, param_names
 from .fcl_loop import Config, device_of, report, results, round_log
-from .rules import DEFAULTS, bind, checked_aggregate, run_name, unchanged, versions
+from .rules import DEFAULTS, bind, run_name
 from .flower_client import (FLOWER_ONLY, FLOWER_SKIPS, client_app, config_from, experiment,  # noqa: F401 (public)
                             make_client_app, on, restore_client, save_client, settings)
 from .metrics import task_accuracy, tensor_bytes
@@ -63,13 +63,18 @@ from .server import participants
 FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}\.json")      # a job's `out`: a bare file name
 
 
+def check_out(out):
+    """A job's `out` is empty or a bare *.json file name; a refusal names no server folder."""
+    if out and not FILE.fullmatch(out):
+        raise UserError(f"out={out!r} is not a plain file name; allowed: a name like 'stamp.json' (letters, digits, "
+                        f"_.+=-; no folders): the server keeps results in its operator's results folder")
+
+
 def results_path(folder, out, default, overwrite=False):
     """Where the server writes a job's results: `out` (a bare *.json name, no folders) or `default`,
     inside the operator's results `folder`. An existing file is kept unless the operator allows
     overwriting. Every refusal is one line that names no server folder."""
-    if out and not FILE.fullmatch(out):
-        raise UserError(f"out={out!r} is not a plain file name; allowed: a name like 'stamp.json' (letters, digits, "
-                        f"_.+=-; no folders): the server keeps results in its operator's results folder")
+    check_out(out)
     path = Path(folder) / (out or default)
     if not overwrite and (path.exists() or path.with_name(path.stem + "_model.pt").exists()):
         raise UserError(f"out={path.name!r} exists in the server's results folder; allowed: another name (the operator "
@@ -131,8 +136,9 @@ class StampStrategy(Strategy):
         evaluate (evaluate_fn)  central accuracy of θ, as fcl_loop measures it
     """
 
-    def __init__(self, cfg, nodes, timeout, aggregate=server.aggregate, name="aggregate"):
-        self.cfg, self.nodes, self.timeout, self.aggregate, self.name = cfg, nodes, timeout, aggregate, name
+    def __init__(self, cfg, nodes, timeout, aggregate):
+        """aggregate: the server rule as rules.bind returns it (checked; returns θ')."""
+        self.cfg, self.nodes, self.timeout, self.aggregate = cfg, nodes, timeout, aggregate
         self.clients = {node: k for k, node in nodes.items()}            # node id -> client k
         self.device = device_of(cfg)
         self.ds, self.scenario, model = experiment(cfg)
@@ -177,10 +183,7 @@ class StampStrategy(Strategy):
         weights = [int(i["num_examples"]) for i in infos]
         p_updates = [{n: u[n] for n in self.params} for u in updates]
         G = gradmatch.gram(p_updates)                     # (K, K) over the weights: diagnostics, and SAM's G
-        before = versions(self.theta)
-        theta = checked_aggregate(self.aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G),
-                                  self.theta, self.name)
-        unchanged(self.theta, before, f"aggregate={self.name}")
+        theta = self.aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G)   # θ' (checked)
         p_step = {n: theta[n] - self.theta[n] for n in self.params}     # the step taken, measured (as fcl_loop)
         self.comm += 2 * tensor_bytes(theta) * len(self.ids)     # θ down, Δ up, per participant (as fcl_loop)
         self.log.append(round_log(t, r, self.ids, infos, weights, G, p_updates, p_step, t1 - self.t0,
@@ -249,8 +252,7 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, aggregat
         cfg = replace(cfg, data_root=os.environ.get("STAMP_DATA_ROOT", cfg.data_root))        # the operator's
         folder = Path(results_dir or os.environ.get("STAMP_RESULTS_DIR", "results"))
         allow = overwrite if overwrite is not None else os.environ.get("STAMP_OVERWRITE") == "1"
-        if cfg.out and not FILE.fullmatch(cfg.out):                # refuse before any client is asked
-            results_path(folder, cfg.out, "", allow)
+        check_out(cfg.out)                                        # refuse before any client is asked
         _, scenario, model = experiment(cfg)
         nodes, names, theirs = client_nodes(grid, scenario.num_clients, extra["reply_timeout"])
         if names.get("match") != own_names["match"]:          # the clients' TAM and the server's SAM match differently
@@ -260,7 +262,7 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, aggregat
         name = run_name(cfg, {**theirs, **own})
         out = results_path(folder, cfg.out, f"{cfg.dataset}_{name}_seed{cfg.seed}_flower.json", allow)
         check_writable(out)                                          # fail now, not after the run
-        strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"], names["aggregate"])
+        strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"])
         result = strategy.start(grid, ArrayRecord(float_state(model)), timeout=extra["reply_timeout"],
                                 num_rounds=scenario.num_tasks * cfg.rounds_per_task, evaluate_fn=strategy.evaluate)
         res = {"engine": "flower", **results(cfg, scenario, strategy.acc, strategy.round_acc, strategy.log, strategy.comm,

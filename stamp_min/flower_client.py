@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from . import UserError, client, gradmatch
 from .client import load_state, memory_bytes, restore, state_dict
 from .fcl_loop import Config, build, device_of
-from .rules import bind, checked_state, checked_update, unchanged, versions
+from .rules import bind
 
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
 # not job settings: fcl_loop-only ones, and where data live on a machine (the operator's: a SuperNode's
@@ -182,8 +182,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
     by the run config."""
     fns, names, own = bind(client_update, end_task, new_state, None, match)
     del names["aggregate"]                                                  # the server's rule
-    client_update = fns["client_update"]                                   # the library's gets `match`
-    checked_new_state = lambda k, cfg: checked_state(new_state(k, cfg), k, names["new_state"])   # noqa: E731
+    client_update, end_task, new_state = fns["client_update"], fns["end_task"], fns["new_state"]   # checked rules
     app = ClientApp()
 
     def whoami(context):
@@ -209,7 +208,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         if list(task.classes) != classes:
             raise UserError(f"client {k}, task {t}: the server sends classes {classes} but this client's scenario has "
                             f"{list(task.classes)}; allowed: the same dataset, scenario and seed settings everywhere")
-        state = restore_client(context, k, cfg, int(config["done"]), checked_new_state)
+        state = restore_client(context, k, cfg, int(config["done"]), new_state)
         device = device_of(cfg)
         theta = on(msg.content["arrays"], device)
         load_state(model := model.to(device), theta)                # every rule is called with the model holding θ
@@ -244,9 +243,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
     @guarded
     def train(msg, context):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
-        before = versions(theta)
-        delta, info = checked_update(client_update(model, theta, state, x, y, classes, cfg), theta, names["client_update"])
-        unchanged(theta, before, f"client_update={names['client_update']}")
+        delta, info = client_update(model, theta, state, x, y, classes, cfg)
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
         return reply(msg, {**numbers(info, names["client_update"]), "client": k, "num_examples": len(y)}, delta)
 
@@ -254,9 +251,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
     @guarded
     def finish_task(msg, context):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
-        before = versions(theta)
         end_task(model, theta, state, x, y, classes, cfg)
-        unchanged(theta, before, f"end_task={names['end_task']}")
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
         return reply(msg, {"client": k, "memory_bytes": memory_bytes(state)})
 

@@ -12,10 +12,11 @@ its `client_update` (TAM) and `aggregate` (SAM) take one more argument, the `mat
 rule's qualified name (a lambda with its line, a functools.partial with what it fixes), so a
 results file says what produced it and a resume can refuse other functions.
 
-What the loop checks, so that a variant's mistake is one clear line and never a silent wrong
-result: every rule is a function; a `match` that nothing would call is refused; a rule may not
-change θ in place (θ is shared by every client of a round); Δ and θ' have θ's names and shapes and
-are finite; `new_state` returns client k's ClientState with its own random stream.
+What the rules `bind` returns check (the loop and the Flower apps call only those), so that a
+variant's mistake is one clear line and never a silent wrong result: every rule is a function; a
+`match` that nothing would call is refused; a rule may not change θ in place (θ is shared by every
+client of a round); Δ and θ' have θ's names and shapes and are finite; `new_state` returns client
+k's ClientState with its own random stream.
 """
 
 import functools
@@ -49,8 +50,10 @@ def short(fn):
 
 
 def bind(client_update=None, end_task=None, new_state=None, aggregate=None, match=None):
-    """(the five rules {keyword: function}, their qualified names {keyword: str}, the short names
-    of the rules that are not the library's {keyword: str}). A rule not given is the library's."""
+    """(the rules to call {keyword: function}, their qualified names {keyword: str}, the short names
+    of the rules that are not the library's {keyword: str}). A rule not given is the library's.
+    The rules to call are the given ones wrapped in the checks below (`checked`): what the loop and
+    the Flower apps call, so no caller repeats a check."""
     given = {"client_update": client_update, "end_task": end_task, "new_state": new_state, "aggregate": aggregate,
              "match": match}
     for k, v in given.items():
@@ -65,7 +68,7 @@ def bind(client_update=None, end_task=None, new_state=None, aggregate=None, matc
     for k in ("client_update", "aggregate"):
         if fns[k] is DEFAULTS[k]:
             fns[k] = functools.partial(fns[k], match=fns["match"])
-    return fns, names, {k: short(v) for k, v in own.items()}
+    return checked(fns, names), names, {k: short(v) for k, v in own.items()}
 
 
 def run_name(cfg, own):
@@ -81,13 +84,17 @@ def versions(theta):
     return [v._version for v in theta.values()]
 
 
-def unchanged(theta, before, rule):
+def untouched(theta, rule, fn, *args, **kw):
+    """fn(*args, **kw), and a UserError naming `rule` if it changed θ in place."""
+    before = versions(theta)
+    out = fn(*args, **kw)
     if versions(theta) != before:
         raise UserError(f"{rule} changed θ in place; allowed: a rule that returns new tensors (θ is shared by every "
                         f"client of the round and by the server)")
+    return out
 
 
-def like(tensors, theta, what, finite=True):
+def like(tensors, theta, what):
     """`tensors` has θ's names and shapes (and finite values)."""
     if not isinstance(tensors, dict) or set(tensors) != set(theta):
         keys = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
@@ -96,7 +103,7 @@ def like(tensors, theta, what, finite=True):
         if not torch.is_tensor(v) or v.shape != theta[n].shape:
             got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
             raise UserError(f"{what}[{n!r}] is {got}; allowed: a tensor of θ's shape {tuple(theta[n].shape)}")
-        if finite and not torch.isfinite(v).all():
+        if not torch.isfinite(v).all():
             raise UserError(f"{what}[{n!r}] is not finite (NaN/inf); allowed: finite values")
 
 
@@ -122,3 +129,24 @@ def checked_state(state, k, name):
         raise UserError(f"new_state={name} returned {state!r:.80} for client {k}; allowed: a client.ClientState with "
                         f"client_id={k} and its own torch.Generator as rng")
     return state
+
+
+def checked(fns, names):
+    """The rules with the checks around them. client_update, end_task and new_state keep their
+    signatures and results; aggregate returns θ' alone (the loop measures the step as θ' − θ)."""
+    def client_update(model, theta, *rest):
+        out = untouched(theta, f"client_update={names['client_update']}", fns["client_update"], model, theta, *rest)
+        return checked_update(out, theta, names["client_update"])
+
+    def end_task(model, theta, *rest):
+        untouched(theta, f"end_task={names['end_task']}", fns["end_task"], model, theta, *rest)
+
+    def new_state(k, cfg):
+        return checked_state(fns["new_state"](k, cfg), k, names["new_state"])
+
+    def aggregate(theta, updates, weights, cfg, params=None, G=None):
+        out = untouched(theta, f"aggregate={names['aggregate']}", fns["aggregate"], theta, updates, weights, cfg,
+                        params=params, G=G)
+        return checked_aggregate(out, theta, names["aggregate"])
+    return {"client_update": client_update, "end_task": end_task, "new_state": new_state, "aggregate": aggregate,
+            "match": fns["match"]}
