@@ -32,8 +32,9 @@ from .client import restore, state_dict
 FORMAT = "stamp_min-checkpoint-v3"   # v2: every client has its own random stream; v3: the rules' names
 FILE = "checkpoint.pt"
 # fields that may differ between the run that saved and the run that resumes
-# (method: the checkpoint's config has the rule pair in force spelled out in client and server)
-FREE = ("out", "quiet", "plot", "resume", "checkpoint_dir", "device", "name", "method")
+# (method: the checkpoint's config has the rule pair in force spelled out in client and server;
+# tam_clones, like device, changes how, not what, is computed, and older checkpoints lack it)
+FREE = ("out", "quiet", "plot", "resume", "checkpoint_dir", "device", "name", "method", "tam_clones")
 
 
 def save(folder, config, progress, clients, generator, rules):

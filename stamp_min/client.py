@@ -14,8 +14,10 @@ TAM, round r of task t on client k (METHOD §1.3):
 start = θ by default [reading]; `clone_start="current"` starts from θ + Δ_cur and
 `replay="full"` replays all old-task data, as the authors' code does [code]. For task 0 there is
 nothing to match: the update is η_t·Δ_cur (GM of one vector would only rescale it by
-(1+c)/(1+c²)). The coreset is refreshed at the end of each task (`end_task`), from the final
-global model. Old tasks are keyed by their class set, so a recurring task is the current task.
+(1+c)/(1+c²)). The old-task clones train one after another (`clone_updates`), or all together
+(`tam_clones="batched"`, clones.py). The coreset is refreshed at the end of each task
+(`end_task`), from the final global model. Old tasks are keyed by their class set, so a
+recurring task is the current task.
 """
 
 import copy
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import UserError, baselines, gradmatch
+from .clones import train_clones
 from .coreset import Buffer, MixStyle, mixstyle, task_key
 
 CLIENT_RULES = ("sgd", "fedprox", "ewc", "lwf", "replay", "agem", "tam")   # cfg.client_rule (config.py)
@@ -194,6 +197,22 @@ def old_tasks(state, cfg, current):
     return [(k, x, y) for k, (x, y) in memory if k != current]
 
 
+def clone_updates(model, start, theta, old, cfg, generator, extras=()):
+    """TAM's old-task clones: [(Δ_j, loss_j)] for each (key, x, y) in `old`, each trained from `start`
+    on its coreset with MixStyle: one after another (the teaching version), or all together when
+    cfg.tam_clones == "batched" (clones.py: the same draws, the same updates up to float rounding;
+    not with extra losses, which keep the loop)."""
+    style = lambda: MixStyle(p=0.5, alpha=0.1, generator=generator)     # noqa: E731  (METHOD §1.5)
+    if cfg.tam_clones == "batched" and not extras:
+        mix = style() if cfg.mixstyle else None
+        return train_clones(model, start, theta, [(xm, ym) for _, xm, ym in old], cfg, generator, batches, mix)
+    out = []
+    for _, xm, ym in old:
+        with mixstyle(model, style()) if cfg.mixstyle else nullcontext():
+            out.append(train_from(model, start, theta, xm, ym, cfg, generator, extra_losses=extras))
+    return out
+
+
 def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gradmatch.match):
     """TAM (METHOD §1.3): θ_k − θ = η_t · GM(Δ_0, …, Δ_{t−1}, Δ_cur) on the trainable parameters.
 
@@ -206,10 +225,7 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gra
     if not old:
         return {**d_cur, **{n: cfg.eta_t * d_cur[n] for n in params}}, {"loss": loss}
     start = theta if cfg.clone_start == "global" else {n: theta[n] + d_cur[n] for n in theta}
-    deltas = []
-    for _, xm, ym in old:
-        with mixstyle(model, MixStyle(p=0.5, alpha=0.1, generator=generator)) if cfg.mixstyle else nullcontext():
-            deltas.append(train_from(model, start, theta, xm, ym, cfg, generator, extra_losses=extras)[0])
+    deltas = [d for d, _ in clone_updates(model, start, theta, old, cfg, generator, extras)]
     deltas.append(d_cur)                                                  # Δ_0 … Δ_{t−1}, Δ_cur
     deltas = [{n: d[n] for n in params} for d in deltas]                   # trainable parameters only
     t0 = time.perf_counter()

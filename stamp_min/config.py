@@ -40,7 +40,7 @@ METHODS = tuple(PRESETS)
 CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": ("",) + METHODS, "client": ("",) + CLIENT_RULES,
            "server": ("",) + SERVER_RULES, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
-           "device": ("auto", "cpu", "cuda")}
+           "tam_clones": ("loop", "batched"), "device": ("auto", "cpu", "cuda")}
 NOTES = {"method": "(" + ", ".join(f"{m} = {c} + {s}" for m, (c, s) in PRESETS.items()) + ")"}   # --help
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
 
@@ -115,6 +115,10 @@ class Config:
     """old-task updates in TAM start from the received model (global) or after current-task training (current, the authors' code)"""
     replay: str = "coreset"
     """TAM replays the coreset, or all old-task data (full, the authors' code)"""
+    tam_clones: str = "loop"
+    """how TAM trains its old-task clones: loop (one after another) | batched (all together, torch.func.vmap;
+    the same updates up to float rounding; meant for GPUs, no faster on a CPU; not with swin_t; the ProtoNet loss
+    keeps the loop)"""
     protonet_weight: float = 0.0
     """weight of the optional ProtoNet loss in local training (0 = off)"""
     mu: float = 0.01
@@ -201,5 +205,8 @@ class Config:
             raise UserError(f"out={self.out!r} is the checkpoint file; allowed: a results path outside the checkpoint")
         if self.resume and not self.checkpoint_dir:
             raise UserError("resume=True needs checkpoint_dir; allowed: --checkpoint-dir DIR --resume true")
+        if self.tam_clones == "batched" and self.model == "swin_t":
+            raise UserError("tam_clones='batched' cannot reproduce swin_t's stochastic depth (random draws inside the "
+                            "model); allowed: tam_clones='loop' with swin_t")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")

@@ -206,12 +206,17 @@ class MixStyle(nn.Module):
         self.p, self.alpha, self.eps, self.detach, self.generator = p, alpha, eps, detach, generator
 
     def forward(self, x):                       # (B, C, H, W) -> (B, C, H, W)
+        drawn = self.draw(x.size(0))
+        return x if drawn is None else self.mix(x, drawn[0].to(x.device), drawn[1])
+
+    def draw(self, n):
+        """The random draws of one forward on a batch of n, in this order: None (no mixing: eval
+        mode, p = 0, or the coin said no) or (permutation (n,), λ (n,)). clones.py draws ahead."""
         if not self.training or self.p <= 0:
-            return x
+            return None
         if torch.rand((), generator=self.generator).item() >= self.p:
-            return x
-        perm = torch.randperm(x.size(0), generator=self.generator)
-        return self.mix(x, perm.to(x.device), self._beta(x.size(0)))
+            return None
+        return torch.randperm(n, generator=self.generator), self._beta(n)
 
     def mix(self, x, perm, lam):
         """The mixing itself, with a given permutation (B,) and λ (a float or (B,))."""
