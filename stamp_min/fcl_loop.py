@@ -108,6 +108,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     client_update (TAM) and aggregate (SAM) call; a rule of yours that wants it calls it itself.
     Every rule is called with the model holding θ and must not change θ in place."""
     cfg.validate()
+    cfg.check_checkpoint_dir()                                            # before any training, not after round 1
     if dataset is not None and not isinstance(dataset, Dataset):
         raise UserError(f"dataset={type(dataset).__name__} is not a data.Dataset; allowed: None or a data.Dataset "
                         f"(rules are keywords: run(cfg, aggregate=f))")
@@ -134,7 +135,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
     clients = [new_state(k, cfg) for k in range(K)]
     if cfg.resume:
-        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients)
+        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients, fresh=st)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
         say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
     model_bytes = tensor_bytes(st["theta"])
@@ -210,14 +211,16 @@ def cli(argv=None):
     cfg = parse_config(Config, argv, notes=NOTES, prog="python -m stamp_min.fcl_loop")
     cfg.validate()
     out = cfg.out_path
-    check_writable(out)
+    png = out.with_name(out.stem + "_acc.png")
+    check_writable(out)                                 # every path up front, not after training
+    if cfg.plot:
+        check_writable(png, "out (its _acc.png picture)")
     res = run(cfg)
     print(report(res))
     write_json(out, res)
     print(f"wrote {out}")
     if cfg.plot:
         from . import plots
-        png = out.with_name(out.stem + "_acc.png")
         plots.save(plots.accuracy_matrix(res["acc_matrix"], title=f"{res['name']} on {cfg.dataset}"), png)
         print(f"wrote {png}")
 

@@ -119,19 +119,12 @@ def cosine_map(C, labels=None, title="pairwise cosine of updates", ax=None):
 
 
 def save(fig, path, dpi=150):
-    """Write the figure atomically (temp file in the same folder, then rename): a failed write
-    leaves the previous picture, never half a file."""
-    import os
-    import tempfile
+    """Write the figure atomically (cli.atomic_write): a failed write leaves the previous picture,
+    never half a file."""
     from pathlib import Path
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+
+    from .cli import atomic_write
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
