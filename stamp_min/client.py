@@ -206,7 +206,7 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gra
     if not old:
         return {**d_cur, **{n: cfg.eta_t * d_cur[n] for n in params}}, {"loss": loss}
     start = theta if cfg.clone_start == "global" else {n: theta[n] + d_cur[n] for n in theta}
-    deltas = []
+    deltas, t_clones = [], time.perf_counter()                            # clone_seconds: timing only
     for _, xm, ym in old:
         with mixstyle(model, MixStyle(p=0.5, alpha=0.1, generator=generator)) if cfg.mixstyle else nullcontext():
             deltas.append(train_from(model, start, theta, xm, ym, cfg, generator, extra_losses=extras)[0])
@@ -216,7 +216,7 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gra
     G = gradmatch.gram(deltas)                                            # (t+1, t+1)
     matched = match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G, **gradmatch.CLIENT)
     info = {"loss": loss, "gm_seconds": time.perf_counter() - t0, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
-            "temporal_agreement": gradmatch.agreement(deltas, matched)}
+            "temporal_agreement": gradmatch.agreement(deltas, matched), "clone_seconds": t0 - t_clones}
     return {**d_cur, **{n: cfg.eta_t * matched[n] for n in params}}, info
 
 

@@ -76,6 +76,7 @@ def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, a
     return {"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
             "train_images": sum(weights), "client_seconds": client_seconds,
             "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos), "aggregate_seconds": aggregate_seconds,
+            "clone_client_seconds": sum(i.get("clone_seconds", 0.0) for i in infos),   # TAM's old-task clones
             # conflict: between client updates, and between each update and the server step
             "spatial_cos": gradmatch.mean_pairwise_cosine(G), "spatial_agreement": gradmatch.agreement(p_updates, p_step),
             # between a client's task updates, and between each and its matched update (TAM)
