@@ -106,7 +106,7 @@ class Config:
     buffer_per_class: int = 10
     """coreset / replay buffer: images kept per class (client rules tam, replay, agem)"""
     coreset_rule: str = "prototypical"
-    """how TAM's coreset picks images: prototypical (herding) | random | nearest"""
+    """how TAM's coreset picks images: prototypical (herding) | random | nearest | prototypical_l2 (herding on L2-normalised embeddings, as iCaRL)"""
     mixstyle: bool = True
     """MixStyle on while replaying the coreset in TAM"""
     gm_c: float = 0.25

@@ -278,3 +278,18 @@ def test_a_file_size_limit_is_one_line_exit_1(tmp_path):
     assert out.stderr.count("\n") == 1 and "File too large" in out.stderr and "Traceback" not in out.stderr
     assert (tmp_path / "r.json").read_bytes() == PREVIOUS and not leftovers(tmp_path)
     assert "r.json" in out.stderr                          # the results file (> 1 kB) is what failed, not the picture
+
+
+def test_a_download_without_network_is_one_line(tmp_path, capsys, monkeypatch):
+    """--download true with no way out (every request goes to a proxy that refuses): one line naming
+    the folder and the fix, exit 2, no traceback."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(lambda: fcl_cli(TINY + ["--dataset", "cifar10", "--download", "true", "--data-root", str(tmp_path / "c"),
+                                         "--out", str(tmp_path / "r.json")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "download into" in err and "internet" in err and not (tmp_path / "r.json").exists()
