@@ -244,7 +244,7 @@ def claims():
         dict(id="F1", claim="FLoRA-NA achieves state-of-the-art global performance (against FedIT, FFA-LoRA, "
              "FedSA-LoRA, FLoRA, FedEx-LoRA), with FedIT's payload", setting="python -m stamp_min.flora_loop "
              "defaults (10 clients, Dirichlet α 0.1, rotated digits, rank 4, 20 rounds); final global accuracy, and "
-             "the mean residual of each run (FedIT's payload: exact bytes in README's FLoRA table, "
+             "the mean residual of each run (FedIT's payload: exact bytes in docs/flora.md's comparison table, "
              "bench/flora_compare.py)",
              parts=[part(f"flora_na vs {f}", ("flora", "flora_na"), ("flora", f), "final_accuracy") for f in flora]
              + [part("residual below FedIT's", ("flora", "flora_na"), ("flora", "fedit"), "residual", delta=1e-4)]),
@@ -411,7 +411,7 @@ def evaluate(table, res, seeds, best, val, grid):
         pairs = [(a, b) for r in runs for a, b in zip(r["step_over_mean"], r["step_over_updates"])]
         out["s1"][s] = {"step_over_mean": statistics.mean(a for a, _ in pairs),
                         "mean_over_updates": statistics.mean(b / a for a, b in pairs)}
-    # every C1 arm as a table (mean ± sd over seeds): replaces the README's 3-seed comparison
+    # every C1 arm as a table (mean ± sd over seeds): the comparison in docs/stamp.md
     methods = ("stamp", "stamp_tam", "stamp_sam") + BASELINES
     out["c1_table"] = {s: {m: {k: [res[arm(s, m), x][k] for x in seeds if "error" not in res[arm(s, m), x]]
                                for k in ("avg_accuracy", "avg_forgetting", "bwt", "wall_time_s")}

@@ -1,6 +1,6 @@
 """Every method on digits, two heterogeneity settings, 3 seeds, learning rates tuned fairly.
 
-    python bench/compare.py                      # the README table (about 3 min on an idle 2-core machine)
+    python bench/compare.py                      # docs/stamp.md's comparison with 3 seeds (about 3 min on an idle 2-core machine)
     python bench/compare.py --seeds 1 --grid 0.1 --methods fedavg,stamp   # a quick look
 
 1. Tuning: for every (setting, method), each lr of the same grid is run once (seed 0) with

@@ -14,7 +14,7 @@ process it started (their process groups, then any process that still has our FL
 every process are printed on failure. The whole check is bounded by --timeout seconds.
 
 This is what a real deployment runs, with the machines' addresses in place of 127.0.0.1 and TLS
-in place of --insecure (see the README, "Outgrowing one machine").
+in place of --insecure (see docs/flower.md, "Deploy for real" and "Who controls what").
 """
 
 import argparse

@@ -3,9 +3,13 @@
 - `parse_config(Config, argv)`: the CLI is generated from a `@dataclass Config`: one flag per
   field (`num_clients` -> `--num-clients`), typed like the field, its help text the one-line
   docstring written under the field. So `--help` documents every knob and nothing drifts.
-- `main(fn)`: run `fn()`, turning a `UserError` into one line on stderr and exit status 2.
-- `write_json(path, obj)`: atomic (temp file in the same folder + rename): a reader never sees a
-  half-written file, and a crash leaves the previous file intact.
+- `check_fields(cfg, limits)`: every field has its declared type, every float is finite, every
+  number lies in its interval (`"[1, 10000]"`, `"(0, inf)"`): a mistake is one `UserError` line.
+- `main(fn)`: run `fn()`, turning a `UserError` into one line on stderr and exit status 2, a
+  failed write (full disk, size limit) into one line and exit status 1, SIGTERM into SIGINT's path.
+- `atomic_write(path, write)` / `write_json(path, obj)`: temp file in the same folder, fsync,
+  rename, with SIGINT/SIGTERM held back until the rename: a reader never sees a half-written file,
+  and a crash, a kill or a full disk leaves the previous file intact and no temp file behind.
 - `check_writable(path)`: fail at start, not after an hour of training.
 - `run_info()`: library versions and the git commit, stored in every results file.
 """
@@ -18,10 +22,12 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 from . import UserError, __version__
@@ -70,15 +76,55 @@ def parse_config(cls, argv=None, description=None, notes=None, prog=None):
     return cls(**vars(p.parse_args(argv)))  # argparse itself exits with status 2 on a bad flag
 
 
+def _interval(text):
+    """'[1, 10000]' / '(0, inf)' / '[0, 1)' -> (low, high, low closed, high closed)."""
+    lo, hi = (float(v) for v in text[1:-1].split(","))
+    return lo, hi, text[0] == "[", text[-1] == "]"
+
+
+def check_fields(cfg, limits=None):
+    """Raise a one-line UserError unless every field of the dataclass `cfg` has its declared type
+    (bool, int, float (an int will do), str), every float is finite, and every field named in
+    `limits` ({name: interval text such as "[1, 10000]" or "(0, inf)"}) lies in its interval."""
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), f.type
+        ok = (type(v) is bool) if kind is bool else (isinstance(v, (int, float)) and not isinstance(v, bool)) \
+            if kind is float else (isinstance(v, int) and not isinstance(v, bool)) if kind is int else isinstance(v, kind)
+        if not ok:
+            raise UserError(f"{f.name}={v!r} is a {type(v).__name__}; allowed: a {kind.__name__}")
+        if kind is float and not math.isfinite(v):
+            raise UserError(f"{f.name}={v} is not a finite number; allowed: a finite {kind.__name__}")
+        if f.name in (limits or {}):
+            lo, hi, lo_in, hi_in = _interval(limits[f.name])
+            if not ((v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)):
+                low = f"{lo:g} {'<=' if lo_in else '<'} " if lo > -math.inf else ""
+                high = f" {'<=' if hi_in else '<'} {hi:g}" if hi < math.inf else ""
+                raise UserError(f"{f.name}={v} is out of range; allowed: {low}{f.name}{high}")
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(fn):
-    """Run fn(); a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Run fn(); a UserError becomes `error: <message>` on stderr and exit status 2, a failed
+    write (a full disk, a file-size limit, a folder that vanished) `error: ...` and exit status 1.
+    SIGTERM is handled like Ctrl-C: the write in progress finishes (see atomic_write) and the
+    last checkpoint stays resumable; exit status 130."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # over a file-size limit: an OSError, not a silent kill
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror or e}; the previous file is intact", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; any checkpoint written so far is complete (continue with --resume true)", file=sys.stderr)
         sys.exit(130)
 
 
@@ -106,22 +152,54 @@ def _clean(obj):
     return obj
 
 
-def write_json(path, obj):
+class deferred_signals:
+    """Hold SIGINT and SIGTERM back inside the block; they act after it. So a kill during a write
+    lets the write finish instead of leaving it half done. (Python runs signal handlers in the main
+    thread whichever thread the OS picked, so swapping the handlers is enough; off the main thread
+    handlers cannot be changed, and nothing is held.)"""
+
+    def __enter__(self):
+        self.caught, self.old = [], {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, lambda n, _: self.caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        for n in self.caught[:1]:                  # now act on the first signal as it would have acted
+            h = self.old[n]
+            if callable(h):
+                h(n, None)
+            elif h != signal.SIG_IGN:
+                signal.raise_signal(n)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a binary file that becomes `path` only when complete: a temp file in the
+    same folder, fsync, rename. SIGINT/SIGTERM wait until the rename; on any failure (a full
+    disk: OSError) the temp file is removed and the previous `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)                  # mkstemp makes 0600; a results file is as readable as any other
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with deferred_signals():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)              # mkstemp makes 0600; a results file is as readable as any other
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and not e.filename:      # a full disk: say which file could not be written
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(_clean(obj), indent=1).encode()))
 
 
 def git_commit():

@@ -225,6 +225,7 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gra
     if not old:
         return {**d_cur, **{n: cfg.eta_t * d_cur[n] for n in params}}, {"loss": loss}
     start = theta if cfg.clone_start == "global" else {n: theta[n] + d_cur[n] for n in theta}
+    t_clones = time.perf_counter()                                        # clone_seconds: timing only
     deltas = [d for d, _ in clone_updates(model, start, theta, old, cfg, generator, extras)]
     deltas.append(d_cur)                                                  # Δ_0 … Δ_{t−1}, Δ_cur
     deltas = [{n: d[n] for n in params} for d in deltas]                   # trainable parameters only
@@ -232,7 +233,7 @@ def tam_update(model, theta, state, x, y, key, cfg, generator, extras, match=gra
     G = gradmatch.gram(deltas)                                            # (t+1, t+1)
     matched = match(deltas, c=cfg.gm_c, solver=cfg.gm_solver, normalize=cfg.gm_normalize, G=G, **gradmatch.CLIENT)
     info = {"loss": loss, "gm_seconds": time.perf_counter() - t0, "temporal_cos": gradmatch.mean_pairwise_cosine(G),
-            "temporal_agreement": gradmatch.agreement(deltas, matched)}
+            "temporal_agreement": gradmatch.agreement(deltas, matched), "clone_seconds": t0 - t_clones}
     return {**d_cur, **{n: cfg.eta_t * matched[n] for n in params}}, info
 
 

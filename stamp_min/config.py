@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import UserError, gradmatch
+from .cli import check_fields, check_writable
 from .client import CLIENT_RULES
 from .coreset import SELECTORS
 from .data import SCENARIOS
@@ -42,6 +43,13 @@ CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": ("",) + METHODS, "c
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
            "tam_clones": ("loop", "batched"), "device": ("auto", "cpu", "cuda")}
 NOTES = {"method": "(" + ", ".join(f"{m} = {c} + {s}" for m, (c, s) in PRESETS.items()) + ")"}   # --help
+LIMITS = {                       # field -> allowed interval (cli.check_fields); every float must also be finite
+    "image_size": "[8, 1024]", "num_clients": "[1, 100000]", "num_tasks": "[0, 100000]", "classes_per_task": "[1, 100000]",
+    "alpha": "[0.001, 1000000]", "rounds_per_task": "[1, 100000]", "local_epochs": "[1, 100000]",
+    "batch_size": "[1, 1000000]", "lr": "(0, inf)", "momentum": "[0, 1)", "participation": "(0, 1]",
+    "buffer_per_class": "[1, 1000000]", "gm_c": "[0, inf)", "eta_t": "(0, inf)", "eta_s": "(0, inf)",
+    "protonet_weight": "[0, inf)", "mu": "[0, inf)", "ewc_lambda": "[0, inf)", "lwf_alpha": "[0, inf)",
+    "lwf_temperature": "(0, inf)", "seed": "[0, 4294967295]"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
 
 
@@ -98,7 +106,7 @@ class Config:
     buffer_per_class: int = 10
     """coreset / replay buffer: images kept per class (client rules tam, replay, agem)"""
     coreset_rule: str = "prototypical"
-    """how TAM's coreset picks images: prototypical (herding) | random | nearest"""
+    """how TAM's coreset picks images: prototypical (herding) | random | nearest | prototypical_l2 (herding on L2-normalised embeddings, as iCaRL)"""
     mixstyle: bool = True
     """MixStyle on while replaying the coreset in TAM"""
     gm_c: float = 0.25
@@ -135,6 +143,8 @@ class Config:
     """save everything needed to continue into this folder after every round (empty = no checkpoints)"""
     resume: bool = False
     """continue the run saved in checkpoint_dir (same settings required)"""
+    overwrite: bool = False
+    """start afresh over a checkpoint already in checkpoint_dir (without it, such a run is refused)"""
     amp: str = "off"
     """mixed precision for local training: off | bf16 (autocast; meant for GPUs)"""
     channels_last: bool = False
@@ -176,6 +186,9 @@ class Config:
         return Path(self.out or f"results/{self.dataset}_{self.label}_seed{self.seed}.json")
 
     def validate(self):
+        """One UserError line for the first mistake: a field's type, range or finiteness (LIMITS),
+        an unknown choice (CHOICES), or settings that contradict each other. Touches no file."""
+        check_fields(self, LIMITS)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(a for a in allowed if a)}")
@@ -185,22 +198,8 @@ class Config:
         if self.name and not NAME.fullmatch(self.name):
             raise UserError(f"name={self.name!r} is not a plain name; allowed: up to 80 letters, digits and _.+=- "
                             f"(starting with a letter or digit)")
-        for name in ("num_clients", "classes_per_task", "rounds_per_task", "local_epochs", "batch_size",
-                     "buffer_per_class"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
-        if self.num_tasks < 0:
-            raise UserError(f"num_tasks={self.num_tasks} must be >= 0; allowed: 0 (as many as the classes allow) or more")
-        for name in ("lr", "eta_t", "eta_s"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: > 0")
-        if not self.lwf_temperature > 0:
-            raise UserError(f"lwf_temperature={self.lwf_temperature} must be positive; allowed: > 0")
-        for name in ("gm_c", "mu", "ewc_lambda", "lwf_alpha", "protonet_weight", "momentum"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be non-negative; allowed: >= 0")
-        if not 0 < self.participation <= 1:
-            raise UserError(f"participation={self.participation}; allowed: 0 < participation <= 1")
+        if self.resume and self.overwrite:
+            raise UserError("resume=True and overwrite=True contradict each other; allowed: one of them")
         if self.checkpoint_dir and self.out and Path(self.out).resolve() == (Path(self.checkpoint_dir) / "checkpoint.pt").resolve():
             raise UserError(f"out={self.out!r} is the checkpoint file; allowed: a results path outside the checkpoint")
         if self.resume and not self.checkpoint_dir:
@@ -210,3 +209,18 @@ class Config:
                             "model); allowed: tam_clones='loop' with swin_t")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")
+
+    def check_checkpoint_dir(self):
+        """Up front, before any training: the checkpoint folder can take files, and a run that does
+        not resume never replaces a checkpoint already there unless overwrite=True."""
+        if not self.checkpoint_dir:
+            return
+        folder = Path(self.checkpoint_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"checkpoint_dir={self.checkpoint_dir!r} is a file; allowed: a folder (made if missing)")
+        if self.resume:
+            return
+        if (folder / "checkpoint.pt").exists() and not self.overwrite:
+            raise UserError(f"checkpoint_dir={self.checkpoint_dir!r} already holds a checkpoint; allowed: --resume true "
+                            f"to continue it, --overwrite true to start afresh over it, or another folder")
+        check_writable(folder / "checkpoint.pt", "checkpoint_dir")

@@ -56,6 +56,8 @@ def select_prototypical(features, m, seed=0):
     Step k picks, among the images not picked yet, the i minimising
     || (z_1 + ... + z_{k-1} + z_i) / k - p ||, p = the class prototype. `seed` is unused
     (deterministic rule); it is there so that the three rules share one signature.
+    On the embeddings as they are (METHOD §1.5); iCaRL L2-normalises them first: that is the
+    rule "prototypical_l2" (`select_prototypical_l2`).
     """
     n = len(features)
     if m >= n:
@@ -93,8 +95,13 @@ def select_random(features, m, seed=0):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]
 
 
+def select_prototypical_l2(features, m, seed=0):
+    """Herding on L2-normalised embeddings, as iCaRL does (each z_i / ||z_i|| before herding)."""
+    return select_prototypical(torch.nn.functional.normalize(features.double(), dim=1), m, seed)
+
+
 SELECTORS = {"prototypical": select_prototypical, "random": select_random,
-             "nearest": select_nearest}
+             "nearest": select_nearest, "prototypical_l2": select_prototypical_l2}
 
 # ---------------------------------------------------------------------------------------------
 # the buffer

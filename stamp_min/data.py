@@ -6,8 +6,8 @@ train and a test split, plus the per-channel mean/std the model normalises with.
     digits       scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): offline, the default.
                  A stratified 20% is held out as the test split (fixed seed 0).
     cifar10/100  torchvision's loaders, files under `root`; downloaded only with download=True.
-    imagefolder  `root/train/<class>/*` and `root/val/<class>/*` (or `root/test`), e.g. ImageNet
-                 at 32x32; with no train/ folder, `root/<class>/*` and a held-out 20%.
+    imagefolder  `root/train/<class>/*` and `root/val/<class>/*` (or `root/test`), e.g. ImageNet at
+                 32x32; with no train/ folder, `root/<class>/*` and a held-out 20%. A bad file: its name.
 
 A scenario says which client sees which images at which task:
 
@@ -23,6 +23,7 @@ A scenario says which client sees which images at which task:
 The test data of client k's task t are all test images of the classes of that task.
 """
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +47,8 @@ class Dataset:
     mean: tuple             # per channel, on the 0..1 scale
     std: tuple
 
-    @property
-    def in_channels(self):
-        return self.x_train.shape[1]
-
-    @property
-    def image_size(self):
-        return self.x_train.shape[-1]
+    in_channels = property(lambda self: self.x_train.shape[1])
+    image_size = property(lambda self: self.x_train.shape[-1])
 
 
 def _stats(x):
@@ -91,6 +87,12 @@ def _cifar(name, root, download):
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted ..."
         raise UserError(f"dataset={name!r}: no valid files under {root} ({e}); allowed: "
                         f"put them there, or pass --download on a machine with internet") from None
+    except OSError as e:       # no network (URLError), a full disk, a folder that cannot be written
+        raise UserError(f"dataset={name!r}: the download into {root} failed ({type(e).__name__}: {getattr(e, 'reason', e)}); "
+                        f"allowed: internet and a writable data_root, or copy {cls.base_folder}/ into {root}") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:   # a truncated or foreign batch file
+        raise UserError(f"dataset={name!r}: a file under {Path(root) / cls.base_folder} is damaged ({type(e).__name__}); "
+                        f"allowed: delete that folder and download it again") from None
     out = []
     for s in splits:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets).long()]
@@ -103,10 +105,16 @@ def _image_folder(root, image_size):
     root = Path(root)
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
 
+    def image(ds, i):                                           # (3, H, W) uint8
+        try:
+            return ds[i][0][:3] if ds[i][0].shape[0] >= 3 else ds[i][0].expand(3, -1, -1)
+        except (OSError, ValueError, SyntaxError) as e:        # PIL: truncated, not an image, bad header
+            raise UserError(f"dataset='imagefolder': {ds.samples[i][0]!r} is not a readable image "
+                            f"({type(e).__name__}); allowed: delete or replace that file") from None
+
     def load(folder):
         ds = torchvision.datasets.ImageFolder(str(folder), transform=tf)
-        xs = [ds[i][0][:3] if ds[i][0].shape[0] >= 3 else ds[i][0].expand(3, -1, -1) for i in range(len(ds))]
-        return torch.stack(xs), torch.tensor(ds.targets).long(), ds.classes
+        return torch.stack([image(ds, i) for i in range(len(ds))]), torch.tensor(ds.targets).long(), ds.classes
 
     try:
         test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)

@@ -76,6 +76,7 @@ def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, a
     return {"task": t, "round": r, "clients": ids, "loss": mean(i["loss"] for i in infos),
             "train_images": sum(weights), "client_seconds": client_seconds,
             "gm_client_seconds": sum(i.get("gm_seconds", 0.0) for i in infos), "aggregate_seconds": aggregate_seconds,
+            "clone_client_seconds": sum(i.get("clone_seconds", 0.0) for i in infos),   # TAM's old-task clones
             # conflict: between client updates, and between each update and the server step
             "spatial_cos": gradmatch.mean_pairwise_cosine(G), "spatial_agreement": gradmatch.agreement(p_updates, p_step),
             # between a client's task updates, and between each and its matched update (TAM)
@@ -108,6 +109,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     client_update (TAM) and aggregate (SAM) call; a rule of yours that wants it calls it itself.
     Every rule is called with the model holding θ and must not change θ in place."""
     cfg.validate()
+    cfg.check_checkpoint_dir()                                            # before any training, not after round 1
     if dataset is not None and not isinstance(dataset, Dataset):
         raise UserError(f"dataset={type(dataset).__name__} is not a data.Dataset; allowed: None or a data.Dataset "
                         f"(rules are keywords: run(cfg, aggregate=f))")
@@ -134,7 +136,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
     clients = [new_state(k, cfg) for k in range(K)]
     if cfg.resume:
-        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients)
+        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients, fresh=st)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
         say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
     model_bytes = tensor_bytes(st["theta"])
@@ -210,14 +212,16 @@ def cli(argv=None):
     cfg = parse_config(Config, argv, notes=NOTES, prog="python -m stamp_min.fcl_loop")
     cfg.validate()
     out = cfg.out_path
-    check_writable(out)
+    png = out.with_name(out.stem + "_acc.png")
+    check_writable(out)                                 # every path up front, not after training
+    if cfg.plot:
+        check_writable(png, "out (its _acc.png picture)")
     res = run(cfg)
     print(report(res))
     write_json(out, res)
     print(f"wrote {out}")
     if cfg.plot:
         from . import plots
-        png = out.with_name(out.stem + "_acc.png")
         plots.save(plots.accuracy_matrix(res["acc_matrix"], title=f"{res['name']} on {cfg.dataset}"), png)
         print(f"wrote {png}")
 

@@ -30,13 +30,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import UserError
-from .cli import check_writable, main, parse_config, run_info, write_json
+from .cli import check_fields, check_writable, main, parse_config, run_info, write_json
 from .data import load_dataset, make_scenario
 from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target
 from .metrics import correct
 from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora
 
 SHIFTS = ("rotate", "invert")
+LIMITS = {"seed": "[0, 4294967295]", "num_clients": "[1, 10000]", "alpha": "[0.001, 1000000]", "angle": "[-360, 360]",
+          "hidden": "[1, 65536]", "pretrain_epochs": "[0, 100000]", "rounds": "[1, 100000]", "local_epochs": "[1, 100000]",
+          "batch_size": "[1, 1000000]", "lr": "(0, inf)", "rank": "[1, 4096]", "lora_alpha": "(0, inf)",
+          "solver_steps": "[1, 1000000]"}     # field -> allowed interval (cli.check_fields); every float finite too
 
 
 @dataclass
@@ -84,20 +88,13 @@ class Config:
     """print only the final summary"""
 
     def validate(self):
+        check_fields(self, LIMITS)
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"aggregator={self.aggregator!r} is unknown; allowed: {', '.join(AGGREGATORS)}")
         if self.solver not in SOLVERS:
             raise UserError(f"solver={self.solver!r} is unknown; allowed: {', '.join(SOLVERS)}")
         if self.shift not in SHIFTS:
             raise UserError(f"shift={self.shift!r} is unknown; allowed: {', '.join(SHIFTS)}")
-        for name in ("num_clients", "rounds", "local_epochs", "batch_size", "rank", "solver_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: >= 1")
-        for name in ("alpha", "lr", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}={getattr(self, name)} must be positive; allowed: > 0")
-        if self.pretrain_epochs < 0:
-            raise UserError(f"pretrain_epochs={self.pretrain_epochs}; allowed: >= 0")
 
     @property
     def out_path(self):

@@ -3,26 +3,27 @@
 Clients u = 1..U with weights w_u (Σ w_u = 1) fine-tune LoRA factors A_u (r×k), B_u (d×r) of
 every adapted layer (lora.py) and send them back. What the server would like to apply is
 
-    T = Σ_u w_u B_u A_u                                       (the ideal aggregate, d×k)
+    P = Σ_u w_u B_u A_u                                       (the ideal aggregate, d×k)
 
+(METHOD.md writes T for it; the course keeps T for the number of tasks, so here it is P, the product)
 but averaging the factors separately (FedIT) gives B̄Ā, and (METHOD §2.1, the cross term)
 
-    T − B̄Ā = ½ Σ_u Σ_v w_u w_v (B_u − B_v)(A_u − A_v).
+    P − B̄Ā = ½ Σ_u Σ_v w_u w_v (B_u − B_v)(A_u − A_v).
 
 FLoRA-NA (§2.2) keeps FedIT's payload and shape but rescales each client's increment by a scalar
 learned on the server, p_u for A and q_u for B (shared by all modules unless per_module=True):
 
     Â(p) = A_prev + Σ_u w_u p_u ΔA_u,   B̂(q) = B_prev + Σ_u w_u q_u ΔB_u,   ΔA_u = A_u − A_prev
-    J(p, q) = Σ_modules ||T − B̂(q) Â(p)||²_F / (||T||²_F + ε)
+    J(p, q) = Σ_modules ||P − B̂(q) Â(p)||²_F / (||P||²_F + ε)
 
 p = q = 1 is FedIT. The Gram trick: with X = [A_prev, ΔA_1..ΔA_U] and Y = [B_prev, ΔB_1..ΔB_U],
-both T and B̂Â are combinations Σ_{j,i} C_ji Y_j X_i of the (U+1)² products Y_j X_i, with
+both P and B̂Â are combinations Σ_{j,i} C_ji Y_j X_i of the (U+1)² products Y_j X_i, with
 
-    C_00 = 1, C_0u = C_u0 = C_uu = w_u (else 0)      for T,     C = b aᵀ for B̂Â,
+    C_00 = 1, C_0u = C_u0 = C_uu = w_u (else 0)      for P,     C = b aᵀ for B̂Â,
     a = [1, w∘p], b = [1, w∘q].
 
 So ||Σ D_ji Y_j X_i||² = Σ D_ji D_lm tr((Y_jᵀY_l)(X_m X_iᵀ)) needs only r×r Gram blocks: the d×k
-matrix T is never formed. They are collected once into K, the (U+1)²×(U+1)² Gram matrix of the
+matrix P is never formed. They are collected once into K, the (U+1)²×(U+1)² Gram matrix of the
 products (`products_gram`); then J(p, q) = vec(D)ᵀ K vec(D) with D = C − b aᵀ, O(U⁴) per solver step
 whatever d, k, r are (memory (U+1)⁴ numbers per module: 15k at U = 10, 7M at U = 50). Solvers: AdamW
 (lr 1e-2, 200 steps from p = q = 1, best iterate kept) or alternating least squares (J is quadratic
@@ -32,7 +33,7 @@ never worse than FedIT (the guard).
 
 Choices METHOD leaves open, made here: the server math runs in float64 (the Grams are tiny); AdamW's
 weight decay is 0 (a decay pulls p, q towards 0, not towards FedIT's 1); ε = 1e-12; the relative
-residual is summed over modules, each module normalised by its own ||T||².
+residual is summed over modules, each module normalised by its own ||P||².
 
 The other server rules (§2.3) and their payloads are `aggregate_lora(method, ...)` and
 `payload(method, ...)`. The experiment and its CLI: flora_loop.py, `python -m stamp_min.flora_loop`.
@@ -63,12 +64,12 @@ def _w(weights):
 # ------------------------------------ the ideal aggregate, dense (small sizes: teaching and tests)
 
 def target(As, Bs, w):
-    """T = Σ_u w_u B_u A_u for one module. As (U, r, k), Bs (U, d, r), w (U,) -> (d, k)."""
+    """P = Σ_u w_u B_u A_u for one module. As (U, r, k), Bs (U, d, r), w (U,) -> (d, k)."""
     return torch.einsum("u,udr,urk->dk", _w(w).to(As), Bs, As)
 
 
 def cross_term(As, Bs, w):
-    """½ Σ_u Σ_v w_u w_v (B_u − B_v)(A_u − A_v), (d, k): equals T − B̄Ā (§2.1)."""
+    """½ Σ_u Σ_v w_u w_v (B_u − B_v)(A_u − A_v), (d, k): equals P − B̄Ā (§2.1)."""
     w = _w(w).to(As)
     dB, dA = Bs[:, None] - Bs[None], As[:, None] - As[None]                 # (U, U, d, r), (U, U, r, k)
     return 0.5 * torch.einsum("u,v,uvdr,uvrk->dk", w, w, dB, dA)
@@ -93,7 +94,7 @@ def _sqnorm(D, K):
 
 
 def residual(As, Bs, w, A_hat, B_hat, eps=EPS):
-    """Σ_modules ||T − B̂Â||² / (||T||² + ε) with T = Σ w_u B_u A_u, by the Gram trick.
+    """Σ_modules ||P − B̂Â||² / (||P||² + ε) with P = Σ w_u B_u A_u, by the Gram trick.
 
     As, Bs: per module (U, r, k) / (U, d, r) (a list over modules, or one tensor for one module);
     A_hat, B_hat: the aggregate's factors per module (r, k) / (d, r), the clients' rank r."""
@@ -102,8 +103,8 @@ def residual(As, Bs, w, A_hat, B_hat, eps=EPS):
         Y = torch.cat([B, Bh[None]]).double()                               # (U+1, d, r)
         X = torch.cat([A, Ah[None]]).double()                               # (U+1, r, k)
         K = products_gram(Y, X)
-        D = torch.diag(torch.cat([w, -torch.ones(1, dtype=w.dtype)]))      # T − B̂Â
-        T = torch.diag(torch.cat([w, torch.zeros(1, dtype=w.dtype)]))      # T
+        D = torch.diag(torch.cat([w, -torch.ones(1, dtype=w.dtype)]))      # P − B̂Â
+        T = torch.diag(torch.cat([w, torch.zeros(1, dtype=w.dtype)]))      # P
         total += float(_sqnorm(D, K) / (_sqnorm(T, K) + eps))
     return total
 
@@ -113,8 +114,8 @@ def residual(As, Bs, w, A_hat, B_hat, eps=EPS):
 @dataclass
 class Problem:
     """One module group reduced to what J(p, q) needs: (U+1)² × (U+1)² numbers per module."""
-    K: torch.Tensor         # (M, n², n²) products' Gram per module / (||T_m||² + ε); shared: summed, M = 1
-    C: torch.Tensor         # (n, n) T's coefficients on the products Y_j X_i, n = U + 1
+    K: torch.Tensor         # (M, n², n²) products' Gram per module / (||P_m||² + ε); shared: summed, M = 1
+    C: torch.Tensor         # (n, n) P's coefficients on the products Y_j X_i, n = U + 1
     w: torch.Tensor         # (U,)
 
 
@@ -129,17 +130,17 @@ def setup(As, Bs, w, A_prev, B_prev, per_module=False, eps=EPS):
         X = torch.cat([A0[None], A - A0]).double()                          # (U+1, r, k)
         Y = torch.cat([B0[None], B - B0]).double()                          # (U+1, d, r)
         K = products_gram(Y, X)
-        Ks.append(K / (_sqnorm(C, K) + eps))                                # relative: / (||T||² + ε)
+        Ks.append(K / (_sqnorm(C, K) + eps))                                # relative: / (||P||² + ε)
     K = torch.stack(Ks) if per_module else sum(Ks)[None]                    # shared p, q: J is one quadratic form
     return Problem(K, C, w)
 
 
 def J(prob, p, q):
-    """J(p, q) = Σ_m ||T − B̂Â||²/(||T||²+ε); p, q (1, U) shared or (M, U) per module."""
+    """J(p, q) = Σ_m ||P − B̂Â||²/(||P||²+ε); p, q (1, U) shared or (M, U) per module."""
     one = torch.ones(*p.shape[:-1], 1, dtype=p.dtype)
     a = torch.cat([one, prob.w * p], -1)                                    # Â's coefficients on X
     b = torch.cat([one, prob.w * q], -1)                                    # B̂'s coefficients on Y
-    D = prob.C - b[..., :, None] * a[..., None, :]                          # (M, n, n) coefficients of T − B̂Â
+    D = prob.C - b[..., :, None] * a[..., None, :]                          # (M, n, n) coefficients of P − B̂Â
     return _sqnorm(D, prob.K).sum()
 
 
@@ -217,10 +218,10 @@ def estimate(As, Bs, w, A_prev, B_prev, solver="adamw", per_module=False, steps=
 # -------------------------------------- the truncated-SVD oracle (Eckart–Young), without forming T
 
 def svd_oracle(As, Bs, w, r):
-    """Best rank-r factors of T = Σ w_u B_u A_u for one module, via QR of the stacked factors.
+    """Best rank-r factors of P = Σ w_u B_u A_u for one module, via QR of the stacked factors.
 
-    T = [B_1..B_U] diag(w ⊗ 1_r) [A_1; ..; A_U] = Q1 (R1 diag R2ᵀ) Q2ᵀ, so the SVD of the small
-    (Ur × Ur) core gives T's. Needs r ≤ min(d, k). Returns Â (r, k) = √S Vᵀ, B̂ (d, r) = U √S."""
+    P = [B_1..B_U] diag(w ⊗ 1_r) [A_1; ..; A_U] = Q1 (R1 diag R2ᵀ) Q2ᵀ, so the SVD of the small
+    (Ur × Ur) core gives P's. Needs r ≤ min(d, k). Returns Â (r, k) = √S Vᵀ, B̂ (d, r) = U √S."""
     U_, r0, k = As.shape
     Bst = Bs.double().permute(1, 0, 2).reshape(Bs.shape[1], U_ * r0)       # (d, U r0)
     Ast = As.double().reshape(U_ * r0, k)                                   # (U r0, k)
@@ -269,10 +270,10 @@ def aggregate_lora(method, global_lora, client_lora, weights, generator=None, so
     if method == "fedsa":                    # share A only; every B stays where it was
         return Aggregate({n: (avg[n][0], None) for n in names},
                          client_B=[{n: c[n][1] for n in names} for c in client_lora])
-    if method == "fedex":                    # FedIT + the exact residual T − B̄Ā folded into W0
+    if method == "fedex":                    # FedIT + the exact residual P − B̄Ā folded into W0
         delta = {n: target(*stacks[n], w) - avg[n][1] @ avg[n][0] for n in names}
         return Aggregate(avg, base_delta=delta)
-    if method == "flora":                    # stacking = exact T merged into W0, then a fresh LoRA
+    if method == "flora":                    # stacking = exact P merged into W0, then a fresh LoRA
         fresh = {n: (init_A(*global_lora[n][0].shape, generator=generator).to(global_lora[n][0]),
                      torch.zeros_like(global_lora[n][1])) for n in names}
         return Aggregate(fresh, base_delta={n: target(*stacks[n], w) for n in names})

@@ -47,7 +47,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from . import UserError, gradmatch, server
-from .cli import check_writable, write_json
+from .cli import atomic_write, check_writable, write_json
 from .client import float_state, load_state, param_names
 from .fcl_loop import Config, device_of, report, results, round_log
 from .rules import DEFAULTS, bind, run_name
@@ -244,6 +244,9 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, aggregat
         except UserError as e:                      # one plain line in the log, above Flower's traceback
             log(ERROR, "stamp_min: %s", e)
             raise
+        except Exception as e:                      # anything else too: the one line first, Flower's traceback after
+            log(ERROR, "stamp_min: the run failed: %s: %s", type(e).__name__, " ".join(str(e).split()))
+            raise
 
     def serve(grid, context):
         start = time.perf_counter()
@@ -269,7 +272,7 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, aggregat
                                               sum(strategy.memory.values()), time.perf_counter() - start,
                                               name=name, rules=names)}
         write_json(out, res)
-        torch.save(result.arrays.to_torch_state_dict(), out.with_name(out.stem + "_model.pt"))
+        atomic_write(out.with_name(out.stem + "_model.pt"), lambda f: torch.save(result.arrays.to_torch_state_dict(), f))
         for line in report(res).splitlines():
             log(INFO, "%s", line)
         log(INFO, "wrote %s", out)

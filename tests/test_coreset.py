@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from stamp_min import UserError
 from stamp_min.coreset import (SELECTORS, Buffer, MixStyle, embed, mixstyle, prototypes,
-                               select_nearest, select_prototypical, select_random, task_key)
+                               select_nearest, select_prototypical, select_prototypical_l2, select_random,
+                               task_key)
 from stamp_min.models import build_model
 
 
@@ -46,6 +47,16 @@ def herding_reference(z, m):
                 best, best_d = i, d
         picked.append(best)
     return picked
+
+
+def test_l2_herding_is_herding_on_unit_vectors_and_can_differ():
+    """iCaRL's variant: the reference greedy on z_i / ||z_i||; embeddings of very different norms
+    make it pick otherwise than herding on the raw embeddings."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(30, 4, generator=g) * torch.linspace(0.1, 10, 30)[:, None]
+    unit = z.double() / z.double().norm(dim=1, keepdim=True)
+    assert select_prototypical_l2(z, 6).tolist() == herding_reference(unit, 6)
+    assert select_prototypical_l2(z, 6).tolist() != select_prototypical(z, 6).tolist()
 
 
 @pytest.mark.parametrize("seed", range(5))
