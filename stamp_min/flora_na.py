@@ -3,9 +3,8 @@
 Clients u = 1..U with weights w_u (Σ w_u = 1) fine-tune LoRA factors A_u (r×k), B_u (d×r) of
 every adapted layer (lora.py) and send them back. What the server would like to apply is
 
-    P = Σ_u w_u B_u A_u                                       (the ideal aggregate, d×k)
+    P = Σ_u w_u B_u A_u          (the ideal aggregate, d×k; METHOD.md's T: in the course T counts tasks)
 
-(METHOD.md writes T for it; the course keeps T for the number of tasks, so here it is P, the product)
 but averaging the factors separately (FedIT) gives B̄Ā, and (METHOD §2.1, the cross term)
 
     P − B̄Ā = ½ Σ_u Σ_v w_u w_v (B_u − B_v)(A_u − A_v).
