@@ -31,7 +31,7 @@ from .rules import bind
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
 # not job settings: fcl_loop-only ones, and where data live on a machine (the operator's: a SuperNode's
 # --node-config "data-root=... download=...", the server's STAMP_DATA_ROOT), never the job submitter's
-FLOWER_SKIPS = ("checkpoint_dir", "resume", "plot", "quiet", "data_root", "download")
+FLOWER_SKIPS = ("checkpoint_dir", "resume", "overwrite", "plot", "quiet", "data_root", "download")
 FLOWER_ONLY = {"reply_timeout": 600.0}   # seconds a client may stay silent before the run stops
 
 

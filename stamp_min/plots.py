@@ -83,19 +83,20 @@ def curves(series, xlabel="round", ylabel="accuracy", title=None, ax=None, x=Non
     return fig
 
 
-def bars(groups, ylabel="accuracy", title=None, ax=None):
+def bars(groups, ylabel="accuracy", title=None, ax=None, xlabel="method"):
     """groups: {label: per-seed values}. One bar per label at the mean, with the 95 % t interval as an
     error bar (none for a single seed), and every seed as a dot. Returns the Figure."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 + 0.9 * len(groups), 3.6))
     for i, (label, values) in enumerate(groups.items()):
         mean, hw = interval(values)
-        ax.bar(i, mean, color=PALETTE[i % len(PALETTE)], alpha=0.85, yerr=hw if len(values) > 1 else None,
+        ax.bar(i, mean, color=PALETTE[i % 6], alpha=0.85, yerr=hw if len(values) > 1 else None,
                capsize=4, error_kw={"elinewidth": 1.2})
         ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, s=10, color="black",
                    zorder=3)
     ax.set_xticks(range(len(groups)), list(groups), rotation=30 if len(groups) > 4 else 0, ha="right"
                   if len(groups) > 4 else "center")
     ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
     n = {len(v) for v in groups.values()}
     ax.set_title(title or (f"mean over {n.pop()} seeds, 95 % interval" if len(n) == 1 else "mean, 95 % interval"))
     fig.tight_layout()

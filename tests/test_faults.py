@@ -218,7 +218,7 @@ def test_sigterm_during_a_run_leaves_a_resumable_checkpoint_and_no_temp_file(tmp
     """SIGTERM once the first checkpoint exists (it may land in the middle of the next write): exit
     130, one line, no temp file, and --resume finishes with the uninterrupted run's accuracy matrix."""
     import json
-    args = ["--num-clients", "2", "--num-tasks", "5", "--rounds-per-task", "3", "--local-epochs", "1", "--quiet", "true",
+    args = ["--num-clients", "2", "--num-tasks", "4", "--rounds-per-task", "2", "--local-epochs", "1", "--quiet", "true",
             "--plot", "false", "--method", "stamp", "--checkpoint-dir", "ck"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", *args, "--out", "a.json"], cwd=tmp_path, env=env,
