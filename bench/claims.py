@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stamp_min.cli import run_info, write_json  # noqa: E402
+from stamp_min.metrics import t_quantile  # noqa: E402  (the one Student t quantile: also plots.interval)
 
 DELTA = 0.01
 SETTINGS = {"cpt 1": dict(classes_per_task=1), "cpt 2": dict(classes_per_task=2), "cpt 5": dict(classes_per_task=5),
@@ -56,12 +57,6 @@ NOISE = 0.2                                   # share of training labels replace
 
 
 # ----------------------------------------------------------------------------- statistics
-
-def t_quantile(p, df):
-    """Student t quantile (scipy, which scikit-learn brings)."""
-    from scipy.stats import t
-    return float(t.ppf(p, df))
-
 
 def interval(d):
     """(mean, low, high) of the 95 % Student-t interval of the paired differences d."""

@@ -241,11 +241,9 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, aggregat
     def main(grid: Grid, context: Context):
         try:
             serve(grid, context)
-        except UserError as e:                      # one plain line in the log, above Flower's traceback
-            log(ERROR, "stamp_min: %s", e)
-            raise
-        except Exception as e:                      # anything else too: the one line first, Flower's traceback after
-            log(ERROR, "stamp_min: the run failed: %s: %s", type(e).__name__, " ".join(str(e).split()))
+        except Exception as e:                      # one plain line in the log, above Flower's traceback
+            why = e if isinstance(e, UserError) else f"the run failed: {type(e).__name__}: {' '.join(str(e).split())}"
+            log(ERROR, "stamp_min: %s", why)
             raise
 
     def serve(grid, context):

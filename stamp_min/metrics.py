@@ -61,6 +61,13 @@ def summary(acc):
     return {"avg_accuracy": average_accuracy(acc), "avg_forgetting": forgetting(acc), "bwt": bwt(acc)}
 
 
+def t_quantile(p, df):
+    """Student t quantile with df degrees of freedom (scipy, which scikit-learn brings): the one used
+    by every 95 % interval of the library, its notebooks and bench/claims.py."""
+    from scipy.stats import t
+    return float(t.ppf(p, df))
+
+
 def tensor_bytes(tensors):
     """Bytes of a collection of tensors (a dict's values or a list)."""
     tensors = tensors.values() if isinstance(tensors, dict) else tensors

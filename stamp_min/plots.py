@@ -15,6 +15,8 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .metrics import t_quantile
+
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision deficiency
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 STYLE = {"figure.dpi": 120, "savefig.dpi": 150, "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
@@ -28,16 +30,10 @@ def use_style():
     mpl.rcParams.update(STYLE)
 
 
-def t95(n):
-    """Two-sided 95 % Student-t quantile with n − 1 degrees of freedom (n ≥ 2 values)."""
-    from scipy.stats import t
-    return float(t.ppf(0.975, n - 1))
-
-
 def interval(values):
     """(mean, half-width of its 95 % t interval) of per-seed values; half-width 0 for one value."""
     v = np.asarray(values, dtype=float)
-    return float(v.mean()), (t95(len(v)) * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+    return float(v.mean()), (t_quantile(0.975, len(v) - 1) * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
 
 
 def accuracy_matrix(A, title="accuracy matrix A[t, j]", ax=None, annotate=None):

@@ -53,3 +53,11 @@ def toy_dataset(num_classes=6, per_class=20, size=8, channels=1, seed=0):
     yt = torch.arange(num_classes).repeat_interleave(5)
     xt = (yt.float() * 255 / num_classes).view(-1, 1, 1, 1).expand(-1, channels, size, size).to(torch.uint8)
     return Dataset("toy", x, y, xt.contiguous(), yt, num_classes, (0.5,) * channels, (0.25,) * channels)
+
+
+def assert_same_run(a, b):
+    """Results dicts a and b of one experiment (e.g. interrupted and resumed vs uninterrupted) agree
+    exactly: accuracy matrix, summary metrics, bytes, and every round's loss."""
+    for key in ("acc_matrix", "avg_accuracy", "avg_forgetting", "bwt", "current_task_accuracy", "comm_bytes", "buffer_bytes"):
+        assert a[key] == b[key], key
+    assert [x["loss"] for x in a["rounds"]] == [x["loss"] for x in b["rounds"]]
