@@ -135,17 +135,15 @@ def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, ex
     device = next(model.parameters()).device
     pin = device.type == "cuda" and x.device.type == "cpu"
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    if memory is not None:
-        xm, ym, m = memory[0].to(x.device), memory[1].to(y.device), memory[2]
-        draws = baselines.replay_draws(len(ym), m, generator)
+    draws = baselines.replay_draws(len(memory[1]), memory[2], generator) if memory is not None else None
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for idx in batches(len(y), batch_size, generator):
             xb, yb = x[idx], y[idx]
-            if memory is not None:                  # (B + m, C, H, W): the batch, then m buffer images
+            if draws is not None:                   # (B + m, C, H, W): the batch, then m buffer images
                 j = next(draws)
-                xb, yb = torch.cat([xb, xm[j]]), torch.cat([yb, ym[j]])
+                xb, yb = torch.cat([xb, memory[0][j].to(xb.device)]), torch.cat([yb, memory[1][j].to(yb.device)])
             if pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)

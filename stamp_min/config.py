@@ -26,8 +26,8 @@ from . import UserError, gradmatch
 from .cli import check_fields, check_writable
 from .client import CLIENT_RULES
 from .coreset import SELECTORS
-from .data import SCENARIOS
 from .models import MODELS
+from .scenarios import SCENARIOS
 from .server import SERVER_RULES
 
 PRESETS = {                      # method -> (client rule, server rule)
@@ -42,7 +42,7 @@ CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": ("",) + METHODS, "c
            "server": ("",) + SERVER_RULES, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
            "tam_clones": ("loop", "batched"), "device": ("auto", "cpu", "cuda"),
-           "ewc_mode": ("online", "separate")}
+           "ewc_mode": ("online", "separate"), "test_split": ("fixed", "per_seed")}
 NOTES = {"method": "(" + ", ".join(f"{m} = {c} + {s}" for m, (c, s) in PRESETS.items()) + ")"}   # --help
 LIMITS = {                       # field -> allowed interval (cli.check_fields); every float must also be finite
     "image_size": "[8, 1024]", "num_clients": "[1, 100000]", "num_tasks": "[0, 100000]", "classes_per_task": "[1, 100000]",
@@ -153,6 +153,9 @@ class Config:
     current images gets round(batch_size·s/(1−s)) buffer images (0.5: as many as current ones, Avalanche's default)"""
     validation: bool = False
     """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
+    test_split: str = "fixed"
+    """fixed: the dataset's own test split | per_seed: train and test images pooled and split again with the seed,
+    each class keeping its test count (what study.py uses: intervals over seeds then cover test-set sampling)"""
     checkpoint_dir: str = ""
     """save everything needed to continue into this folder after every round (empty = no checkpoints)"""
     resume: bool = False

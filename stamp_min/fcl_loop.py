@@ -32,9 +32,10 @@ from .cli import check_writable, main, parse_config, run_info, write_json
 from .client import float_state, load_state, memory_bytes, param_names
 from .config import CHOICES, METHODS, NOTES, PRESETS, Config  # noqa: F401  (public names of the loop)
 from .coreset import task_key
-from .data import Dataset, load_dataset, make_scenario, to_device_if_small, validation_split
+from .data import Dataset, load_dataset, resplit, to_device_if_small, validation_split
 from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
 from .models import build_model
+from .scenarios import make_scenario
 from .rules import DEFAULTS, bind, qualname, run_name
 from .server import participants
 
@@ -57,6 +58,8 @@ def build(cfg, dataset=None):
     """(dataset, scenario, model holding θ_0, on the CPU) of an experiment, from the settings and
     the seed alone: fcl_loop and every Flower app build the same. dataset: as in `run`."""
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    if cfg.test_split == "per_seed":
+        ds = resplit(ds, cfg.seed)    # a fresh test split for this seed (study.py: intervals cover test sampling)
     if cfg.validation:
         ds = validation_split(ds)     # tune on held-out training images; the test split is never seen
     scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
