@@ -27,7 +27,8 @@ OUTLINE, README = HERE / "README.md", HERE.parent / "README.md"
 INTRO = re.compile(r"about ([0-9.]+ (?:s|min)) on a 2-core CPU \(measured ([0-9-]+): notebooks/timings\.txt\)")
 HEADER = """# Full runs of the course notebooks, one after another, each executed in place in a fresh kernel
 # (python notebooks/timings.py). wall: seconds, kernel start included; load: the machine's 1-minute load
-# average before -> after the notebook (2 cores: above ~0.3 means other work shared them).
+# average before -> after the notebook (the notebook itself adds about 1; above ~1.3 on these 2 cores,
+# other work shared them and the times are longer than on an idle machine).
 # notebook | wall s | measured | load before -> after | machine
 """
 
@@ -40,11 +41,17 @@ def fmt(seconds):
 def read():
     """{notebook file name: (wall seconds, date)} from notebooks/timings.txt."""
     rows = {}
-    for line in LOG.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, wall, date, *_ = [part.strip() for part in line.split("|")]
-            rows[name] = (float(wall), date)
+    for line in entries():
+        name, wall, date, *_ = [part.strip() for part in line.split("|")]
+        rows[name] = (float(wall), date)
     return rows
+
+
+def entries():
+    """The log's lines, one per notebook (lines in another format, from before this script, are dropped)."""
+    if not LOG.is_file():
+        return []
+    return [line for line in LOG.read_text().splitlines() if not line.startswith("#") and line.count("|") >= 4]
 
 
 def stated():
@@ -85,14 +92,26 @@ def write_stated(rows):
     README.write_text(readme)
 
 
-def execute(path, kernel_dir):
+def use_this_interpreter():
+    """A Jupyter kernel that runs this very Python (its packages, not whatever 'python3' means elsewhere):
+    its spec goes into a temporary folder on JUPYTER_PATH. Returns the kernel's name."""
+    folder = Path(tempfile.mkdtemp(prefix="stamp-kernel-")) / "kernels" / "stamp-course"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "stamp-course", "language": "python"}))
+    os.environ["JUPYTER_PATH"] = str(folder.parent.parent)
+    return "stamp-course"
+
+
+def execute(path, kernel_name):
     """Run one notebook in place; returns its wall seconds, kernel start included."""
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     kernelspec = nb.metadata.get("kernelspec")
     start = time.perf_counter()
-    NotebookClient(nb, kernel_name="stamp-course", timeout=1800, record_timing=False,
+    NotebookClient(nb, kernel_name=kernel_name, timeout=1800, record_timing=False,
                    resources={"metadata": {"path": str(HERE)}}).execute()
     wall = time.perf_counter() - start
     for cell in nb.cells:
@@ -114,24 +133,16 @@ def main(argv=None):
         print(f"error: notebook {unknown[0]!r}: allowed {', '.join(paths)}", file=sys.stderr)
         return 2
     os.environ.pop("STAMP_SMOKE", None)
-    kernel_dir = Path(tempfile.mkdtemp(prefix="stamp-timings-"))
-    (kernel_dir / "kernels" / "stamp-course").mkdir(parents=True)
-    (kernel_dir / "kernels" / "stamp-course" / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "stamp-course", "language": "python"}))
-    os.environ["JUPYTER_PATH"] = str(kernel_dir)
+    kernel = use_this_interpreter()
     import torch
     machine = f"{os.cpu_count()} cores, torch {torch.__version__}, " + \
         (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-    rows = read() if LOG.is_file() else {}
-    lines = {}
-    if LOG.is_file():
-        lines = {line.split("|")[0].strip(): line for line in LOG.read_text().splitlines()
-                 if line.strip() and not line.startswith("#")}
+    rows = read()
+    lines = {line.split("|")[0].strip(): line for line in entries()}
     for key in args.notebooks or list(paths):
         path = paths[key]
         before = os.getloadavg()[0]
-        wall = execute(path, kernel_dir)
+        wall = execute(path, kernel)
         after = os.getloadavg()[0]
         date = datetime.date.today().isoformat()
         rows[path.name] = (wall, date)

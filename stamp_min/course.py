@@ -5,8 +5,10 @@ Every notebook starts with the same setup cell (its text lives in `notebooks/set
 finds this package beside the notebook, or clones it on Colab, and then imports from here.
 
     DEVICE = course.device()                      # prints the device; without a GPU, how to get one
-    course.check_close("forgetting of task 0", mine, metrics.forgetting(A)[0])
+    course.check_close("average accuracy", course.attempt(my_function, A), metrics.average_accuracy(A))
     guess = course.prediction(my_guess, ("higher", "lower"))   # None (and a line) until a guess is written
+    if guess is not None:                                      # ... run the experiment, then
+        course.check("your prediction", guess == measured_word, hint="...")
     print(f"the step is {course.sign_word(ip)} on client 0")   # 'negative' / 'positive' / 'zero'
 """
 

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "notebooks" / "solutions"))
+import key  # noqa: E402
 from key import KEY, edited, exercise_cell, predicted  # noqa: E402
 
 CASES = [pytest.param(key, (key, i), id=f"{key}-{i + 1}") for key, exercises in KEY.items() for i in range(len(exercises))]
@@ -43,6 +44,25 @@ def test_the_key_covers_every_exercise():
         open_cells = {i for i, c in enumerate(nb.cells)
                       if c.cell_type == "code" and ("= ..." in c.source or "return ..." in c.source)}
         assert keyed == open_cells, f"{key}: exercise cells {sorted(open_cells)}, key for {sorted(keyed)}"
+
+
+def test_the_key_writes_the_solved_notebooks(tmp_path, capsys):
+    """`python notebooks/solutions/key.py --out DIR` writes the notebooks with every code exercise answered
+    and every prediction the full run's answer written in; an unknown notebook is one line, exit status 2."""
+    import nbformat
+    assert key.main(["--out", str(tmp_path)]) == 0
+    for k, exercises in KEY.items():
+        student = nbformat.read(next((ROOT / "notebooks").glob(f"{k}_*.ipynb")), as_version=4)
+        nb = nbformat.read(next(tmp_path.glob(f"{k}_*.ipynb")), as_version=4)
+        for e in exercises:
+            source = nb.cells[exercise_cell(student, e["cell"])].source
+            if e["kind"] == "code":
+                assert all(new in source for new in e["answer"].values()), (k, e["cell"])
+            elif e["answer"] is not None:
+                assert predicted(e["placeholder"], e["answer"]) in source, (k, e["cell"])
+        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    capsys.readouterr()
+    assert key.main(["--out", str(tmp_path), "11"]) == 2 and "notebook '11'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

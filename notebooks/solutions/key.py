@@ -299,7 +299,9 @@ def main(argv=None):
         name, nb = solved(key)
         if args.execute:
             from nbclient import NotebookClient
-            NotebookClient(nb, timeout=3600, kernel_name="python3",
+            sys.path.insert(0, str(NOTEBOOKS))
+            from timings import use_this_interpreter
+            NotebookClient(nb, timeout=3600, kernel_name=use_this_interpreter(),
                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
             lines = [line for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stdout"
                      for line in o["text"].splitlines() if line.startswith("✘")]
