@@ -3,7 +3,8 @@
 - `accuracy_matrix(A)`: heatmap of A[t, j] (rows: after task t, columns: evaluated on task j).
   The diagonal is how well a task was learnt; a column fading downwards is forgetting.
 - `curves(series)`: lines over rounds, e.g. current-task accuracy per method.
-- `cosine_map(C)`: a pairwise cosine matrix of updates, red = conflicting (negative) pairs.
+- `cosine_map(C)`: a pairwise cosine matrix of updates, red = conflicting (negative) pairs, on a scale
+  that reaches the largest off-diagonal |cosine|, so that a conflict of −0.1 is not white; values written in.
 - `bars(groups)`: one bar per label, the mean over seeds with its 95 % interval as an error bar.
 - `forest(comparisons)`: paired comparisons (study.compare) as intervals coloured by verdict.
 
@@ -15,6 +16,7 @@ labelled grids, and the Okabe–Ito palette, which colour-blind readers can tell
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .metrics import t_quantile
 
@@ -73,6 +75,8 @@ def curves(series, xlabel="round", ylabel="accuracy", title=None, ax=None, x=Non
             ax.fill_between(xs, ys - hw, ys + hw, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if x is None or all(float(v).is_integer() for v in x):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # rounds and tasks are counted: no 7.5
     if title:
         ax.set_title(title)
     ax.legend(loc="best")
@@ -80,16 +84,17 @@ def curves(series, xlabel="round", ylabel="accuracy", title=None, ax=None, x=Non
     return fig
 
 
-def bars(groups, ylabel="accuracy", title=None, ax=None, xlabel="method"):
+def bars(groups, ylabel="accuracy", title=None, ax=None, xlabel="method", colors=None):
     """groups: {label: per-seed values}. One bar per label at the mean, with the 95 % t interval as an
-    error bar (none for a single seed), and every seed as a dot. Returns the Figure."""
+    error bar (none for a single seed), and every seed as a dot. colors: {label: colour}, to give a method
+    the same colour in every figure of a notebook (default: the palette's six strong colours in turn)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 + 0.9 * len(groups), 3.6))
     for i, (label, values) in enumerate(groups.items()):
         mean, hw = interval(values)
-        ax.bar(i, mean, color=PALETTE[i % 6], alpha=0.85, yerr=hw if len(values) > 1 else None,
-               capsize=4, error_kw={"elinewidth": 1.2})
-        ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, s=10, color="black",
-                   zorder=3)
+        ax.bar(i, mean, color=(colors or {}).get(label, PALETTE[i % 6]), alpha=0.85,
+               yerr=hw if len(values) > 1 else None, capsize=4, error_kw={"elinewidth": 1.2})
+        ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, s=12, color="black",
+                   edgecolor="white", linewidth=0.5, zorder=3)     # white rim: visible on a dark bar too
     ax.set_xticks(range(len(groups)), list(groups), rotation=30 if len(groups) > 4 else 0, ha="right"
                   if len(groups) > 4 else "center")
     ax.set_ylabel(ylabel)
@@ -143,13 +148,26 @@ def forest(comparisons, title=None, ax=None, xlabel=None):
     return fig
 
 
-def cosine_map(C, labels=None, title="pairwise cosine of updates", ax=None):
+def cosine_map(C, labels=None, title="pairwise cosine of updates", ax=None, vmax=None):
+    """C: (n, n) cosines. Red = conflicting pair, blue = agreeing, white = unrelated, on a scale −vmax … vmax
+    (default: the largest off-diagonal |cosine|, rounded up to 0.05), so that small conflicts show;
+    each value is written in its cell (up to 12 updates); the diagonal, always 1, is left grey."""
     C = np.asarray(C, dtype=float)
+    n = len(C)
+    off = ~np.eye(n, dtype=bool)
+    if vmax is None:
+        vmax = max(0.05, float(np.ceil(np.abs(C[off]).max() * 20) / 20) if n > 1 else 1.0)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.2, 3.5))
-    im = ax.imshow(C, vmin=-1, vmax=1, cmap="RdBu")
-    labels = labels if labels is not None else [str(i) for i in range(len(C))]
-    ax.set_xticks(range(len(C)), labels)
-    ax.set_yticks(range(len(C)), labels)
+    cmap = plt.get_cmap("RdBu").copy()
+    cmap.set_bad("0.85")
+    im = ax.imshow(np.ma.masked_array(C, mask=~off), vmin=-vmax, vmax=vmax, cmap=cmap)
+    if n <= 12:
+        for i, j in zip(*np.nonzero(off)):
+            ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=9 if n <= 6 else 7,
+                    color="white" if abs(C[i, j]) > 0.6 * vmax else "black")
+    labels = labels if labels is not None else [str(i) for i in range(n)]
+    ax.set_xticks(range(n), labels)
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("update")
     ax.set_ylabel("update")
     ax.set_title(title)

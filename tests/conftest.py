@@ -61,3 +61,40 @@ def assert_same_run(a, b):
     for key in ("acc_matrix", "avg_accuracy", "avg_forgetting", "bwt", "current_task_accuracy", "comm_bytes", "buffer_bytes"):
         assert a[key] == b[key], key
     assert [x["loss"] for x in a["rounds"]] == [x["loss"] for x in b["rounds"]]
+
+
+@pytest.fixture(scope="session")
+def notebook(request):
+    """A course notebook's live kernel after its smoke run (tests/nbkernel.py), for tests parametrized
+    indirectly with the notebook's number ('01' … '10'). pytest runs the tests of one notebook together
+    (test_exercises.py's, then test_notebooks.py's), then its kernel stops."""
+    import nbkernel
+    kernel = nbkernel.executed(request.param)
+    yield kernel
+    nbkernel.release(request.param)
+
+
+# The development tier, `pytest -m "not slow"`, leaves out the notebooks (marked in their own files) and the
+# end-to-end runs below, the longest of the suite (several seconds each on an idle 2-core machine, minutes
+# together); `pytest` and .ci/run run everything. A name is a test function (all its parameters).
+SLOW = ("test_flower.py::test_flower_simulation_equals_the_loop", "test_flower.py::test_loopback_deployment",
+        "test_flower.py::test_injected_client_and_server_rules_on_flower_equal_the_loop",
+        "test_flower.py::test_a_client_with_the_wrong_data_stops_the_run_with_its_reason",
+        "test_workbench.py::test_a_preset_is_bit_identical_to_its_explicit_pair", "test_workbench.py::test_each_rule_keyword_is_used",
+        "test_workbench.py::test_the_readme_example_runs", "test_workbench.py::test_match_reaches_tam_and_sam",
+        "test_workbench.py::test_resume_refuses_other_functions", "test_workbench.py::test_a_rule_pair_without_a_preset",
+        "test_workbench.py::test_passing_the_librarys_own_rules_changes_nothing",
+        "test_workbench.py::test_the_round_log_has_the_step_sizes_computed_by_hand",
+        "test_stamp.py::test_every_method_runs", "test_checkpoint.py::test_killed_and_resumed_equals_uninterrupted",
+        "test_checkpoint.py::test_resume_with_other_settings_is_refused",
+        "test_checkpoint.py::test_corrupt_foreign_and_unsafe_checkpoints_are_one_line_errors",
+        "test_faults.py::test_sigterm_during_a_run", "test_faults.py::test_a_full_disk_is_one_line",
+        "test_faults.py::test_a_file_size_limit_is_one_line", "test_fcl_loop.py::test_cli_end_to_end",
+        "test_flora_na.py::test_cli_smoke", "test_clones.py::test_resnet18_in_float64_batched_equals_the_loop",
+        "test_claims.py::test_quick_run_writes_every_claim", "test_gpu_check.py::test_gpu_check_dry_run")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(name in item.nodeid for name in SLOW):
+            item.add_marker(pytest.mark.slow)
