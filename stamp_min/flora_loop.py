@@ -21,20 +21,25 @@ generator, the same on every client; B = 0).
 Run it:  python -m stamp_min.flora_loop --help
 """
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from .cli import quiet_until_main
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+if __name__ == "__main__":
+    quiet_until_main()          # a signal while torch loads is one line, not a traceback
 
-from . import UserError
-from .cli import check_fields, check_writable, main, parse_config, run_info, write_json
-from .data import load_dataset, make_scenario
-from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target
-from .metrics import correct
-from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from . import UserError  # noqa: E402
+from .cli import check_fields, check_writable, main, parse_config, run_info, write_json  # noqa: E402
+from .data import load_dataset, make_scenario  # noqa: E402
+from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target  # noqa: E402
+from .metrics import correct  # noqa: E402
+from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora  # noqa: E402
 
 SHIFTS = ("rotate", "invert")
 LIMITS = {"seed": "[0, 4294967295]", "num_clients": "[1, 10000]", "alpha": "[0.001, 1000000]", "angle": "[-360, 360]",
