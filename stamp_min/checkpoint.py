@@ -162,8 +162,8 @@ def load(folder, config, generator, rules, clients, fresh, data=None):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {str(path)!r} is not a stamp_min checkpoint; allowed: a {FORMAT} file "
                         f"written by --checkpoint-dir")
-    damaged = lambda e: UserError(f"checkpoint {str(path)!r} is damaged: {e}; allowed: a file written by "  # noqa: E731
-                                  f"stamp_min --checkpoint-dir, or --overwrite true to start afresh")
+    damaged = lambda e: UserError(f"checkpoint {str(path)!r} is damaged: {e} (what stamp_min --checkpoint-dir "  # noqa: E731
+                                  f"writes; --overwrite true starts afresh)")
     try:
         plain(state, "the checkpoint", {"nodes": 5 * 10**6, "bytes": limit}, finite=False)
         if set(state) != {"format", "config", "rules", "progress", "clients", "rng"}:

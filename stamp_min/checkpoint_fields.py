@@ -34,7 +34,9 @@ def max_bytes(fresh, clients, data_bytes):
 
 def check_acc(v, f, p, R):
     T = len(f["acc"])
-    tensors_like({"acc": v}, {"acc": f["acc"]}, "acc", finite=False)
+    if not (torch.is_tensor(v) and v.dtype == torch.float64 and tuple(v.shape) == (T, T)):
+        got = f"{str(v.dtype)[6:]} {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+        raise Bad(f"acc is {got}; allowed: a float64 ({T}, {T}) accuracy matrix")
     done = torch.tril(torch.ones(T, T, dtype=torch.bool)) & (torch.arange(T) < p["t"])[:, None]   # A[i, j], j <= i < t
     if not bool((v[done] >= 0).all() & (v[done] <= 1).all()) or not bool(v[~done].isnan().all()):
         raise Bad(f"acc is not an accuracy matrix of {p['t']} finished tasks; allowed: values in [0, 1] where measured, "
@@ -114,7 +116,7 @@ def check_client(d, fresh, k, theta, num_classes, image_shape):
         raise Bad(f"{who}.seen is a {type(d['seen']).__name__}; allowed: a list of class lists")
     for s in d["seen"]:
         classes(s, f"{who}.seen class")
-    tensors_like({"rng": d["rng"]}, {"rng": fresh["rng"]}, f"{who}.rng")
+    tensors_like({"rng": d["rng"]}, {"rng": fresh["rng"]}, who)
     if (d["buffer"] is None) != (fresh["buffer"] is None):
         raise Bad(f"{who}.buffer is {'missing' if d['buffer'] is None else 'there'}; allowed: as in a fresh run")
     if d["buffer"] is not None:

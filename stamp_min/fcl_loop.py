@@ -127,16 +127,14 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
         return loop(cfg, dataset, fns, names, run_name(cfg, own))
 
 
-def diverged(e, cfg, t, r, k):
-    """A client's divergence (a UserError saying "diverged") with what can be told of its cause:
-    θ came checked (finite), the data were checked, so with η_s > 1 after a server step it is η_s;
-    otherwise the line says what was checked and that lr is left."""
-    if " diverged" not in str(e):
-        return e
-    where = f"client {k}'s local training in task {t + 1} round {r + 1} diverged (NaN/inf)"
+def diverged(cfg, t, r, what):
+    """One line for training that diverged in task t round r (what: "client 0's local training
+    diverged (NaN/inf)"), with what can be told of the cause. θ came checked (finite) and so did
+    the data, so with η_s > 1 after a server step it is η_s; otherwise the line says what was checked."""
+    where = f"{what} in task {t + 1} round {r + 1}"
     if cfg.server_rule == "gm" and cfg.eta_s > 1 and (t, r) != (0, 0):
-        return UserError(f"eta_s={cfg.eta_s}: {where} from θ after a server step scaled by eta_s > 1; allowed: "
-                         f"eta_s <= 1, or a smaller lr")
+        return UserError(f"eta_s={cfg.eta_s}: {where}, from θ after server steps scaled by eta_s > 1; allowed: eta_s <= 1, "
+                         f"or a smaller lr")
     return UserError(f"lr={cfg.lr}: {where}, from a finite θ on checked data (finite statistics, labels in range); "
                      f"allowed: a smaller lr or a weaker regulariser")
 
@@ -182,14 +180,17 @@ def loop(cfg, dataset, fns, names, name):
             load_state(model, theta)                        # every rule is called with the model holding θ
             try:
                 delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
-            except UserError as e:
-                raise diverged(e, cfg, t, r, k) from None
+            except UserError as e:                          # the library's own divergence line: say more
+                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)") if " diverged" in str(e) else e) from None
             updates.append(delta)
             weights.append(len(y))
             infos.append(info)
         t1 = time.perf_counter()
         p_updates = [{n: u[n] for n in params} for u in updates]
-        G = gradmatch.gram(p_updates)                       # (K, K) over the weights: diagnostics, and SAM's G
+        try:
+            G = gradmatch.gram(p_updates)                   # (K, K) over the weights: diagnostics, and SAM's G
+        except ValueError:                                  # finite updates too large to measure
+            raise diverged(cfg, t, r, "the clients' updates grew beyond float range") from None
         new = aggregate(theta, updates, weights, cfg, params=params, G=G)     # θ' (checked; rules.py)
         p_step = {n: new[n] - theta[n] for n in params}         # the step taken, measured
         theta = new

@@ -61,7 +61,7 @@ def files(class_dir, root, seen):
         names = []
         for entry in os.scandir(folder):
             path = Path(entry.path)
-            if entry.is_dir() or entry.is_file():          # never a FIFO, a device or a socket
+            if entry.is_symlink() or entry.is_dir() or entry.is_file():    # never a FIFO, a device or a socket
                 real(path, root, seen)
             if entry.is_dir():
                 stack.append(path)

@@ -10,7 +10,8 @@ scenario is built from the seed on every machine), and θ. So:
     train     the client is the one the message went to ("client", if it says, must agree);
               "num_examples" equals that client's task size, which is also the weight the server
               uses; the update has exactly θ's names, shapes and dtypes and finite values
-              (untrusted.tensors_like); "loss" is a finite number and every other metric a number;
+              (untrusted.tensors_like) and a norm below MAX_NORM; "loss" is a finite number and
+              every other metric a number;
               nothing else in the reply
     train.end_task  the same client; "memory_bytes" a non-negative int
 
@@ -24,6 +25,9 @@ import math
 
 from . import UserError
 from .untrusted import Bad, number, tensors_like
+
+
+MAX_NORM = 1e18          # an update's norm: larger ones overflow the float32 blocks of gradmatch.gram
 
 
 class Refused(UserError):
@@ -82,6 +86,9 @@ def train(m, k, t, r, theta, size):
             tensors_like(dict.fromkeys(arrays.keys()), theta, "the update")
         delta = tensors_like({n: v.to(theta[n].device) for n, v in arrays.to_torch_state_dict().items()}, theta,
                              "the update")
+        norm = sum(float(v.double().square().sum()) for v in delta.values()) ** 0.5
+        if not norm < MAX_NORM:                                   # GM's Gram matrix sums squares in float32 blocks
+            raise Bad(f"the update's norm is {norm:.3g}; allowed: below {MAX_NORM:g}")
     except Bad as e:
         raise Refused(f"client {k}'s reply {where} is refused: {e}") from None
     return delta, info
