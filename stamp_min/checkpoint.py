@@ -38,7 +38,7 @@ import torch
 from . import UserError
 from .cli import atomic_write, check_writable
 from .client import restore, state_dict
-from .checkpoint_fields import check_client, check_progress, max_bytes
+from .checkpoint_fields import check_client, check_progress, max_bytes, max_nodes
 from .untrusted import Bad, plain, tensors_like
 
 FORMAT = "stamp_min-checkpoint-v3"   # v2: every client has its own random stream; v3: the rules' names
@@ -165,7 +165,8 @@ def load(folder, config, generator, rules, clients, fresh, data=None):
     damaged = lambda e: UserError(f"checkpoint {str(path)!r} is damaged: {e} (what stamp_min --checkpoint-dir "  # noqa: E731
                                   f"writes; --overwrite true starts afresh)")
     try:
-        plain(state, "the checkpoint", {"nodes": 5 * 10**6, "bytes": limit}, finite=False)
+        budget = {"nodes": max_nodes(fresh, clients, config["rounds_per_task"], config["classes_per_task"]), "bytes": limit}
+        plain(state, "the checkpoint", budget, finite=False)
         if set(state) != {"format", "config", "rules", "progress", "clients", "rng"}:
             raise Bad(f"it has the fields {sorted(map(str, state))}")
         if not (isinstance(state["config"], dict) and all(type(v) in (int, float, str, bool) for v in state["config"].values())

@@ -24,6 +24,15 @@ import torch
 from .untrusted import Bad, number, plain, tensors_like
 
 
+def max_nodes(fresh, clients, R, cpt):
+    """The most containers and values a checkpoint of this run can hold, with room to spare: per
+    round a log entry (its numbers and one per client), per client and task its class lists (cpt
+    classes each) and buffer or replay entries, per client up to three θ-like dicts. A pickle that
+    shares one list a million times is refused here."""
+    T, K, n = len(fresh["acc"]), len(clients), len(fresh["theta"])
+    return 4 * (T * R * (40 + 2 * K) + K * (T * (3 * cpt + 15) + 3 * n + 20) + n) + 10_000
+
+
 def max_bytes(fresh, clients, data_bytes):
     """The most a checkpoint of this run can hold, with room to spare: θ and per client up to three
     copies of it (EWC's Fisher and anchor, LwF's old model), per client a coreset and old-task

@@ -187,6 +187,8 @@ def run(cfg):
 
     Runs on one intra-op thread (restored afterwards): the MLP is so small that a second thread only
     adds synchronisation, and when other processes share the cores it is 10-50x slower."""
+    if not isinstance(cfg, Config):
+        raise UserError(f"cfg={type(cfg).__name__} is not a flora_loop.Config; allowed: run(Config(...))")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -14,23 +14,26 @@ of stamp_min never imports this file or flower_client.py.
         evaluate_fn: accuracy of θ on every client's tasks (central, as in fcl_loop)
       write the results JSON (fcl_loop's format, "engine": "flower") and the final model beside it
 
-Settings: every `Config` field but the operator's (where data live: a SuperNode's node config
-"data-root"/"download", the server's $STAMP_DATA_ROOT; where results go: $STAMP_RESULTS_DIR, of
-which a job's `out` names one file), from the run config (`--run-config "method='stamp' gm-c=0.5"`,
-field names with "-" or "_"), plus `reply-timeout` (seconds a client may stay silent);
-`flower/pyproject.toml` lists them with their defaults. The ServerApp and every ClientApp build
-the same scenario from the same settings and seed; the server also sends each client the classes
-of its task and the number of messages it has completed ("done"), and a client whose scenario or
-saved state disagrees stops the run with an error rather than train on the wrong data or state.
+Settings: every `Config` field but the operator's (data: a SuperNode's node config "data-root"/
+"download", the server's $STAMP_DATA_ROOT; results: $STAMP_RESULTS_DIR, a job's `out` names one
+file there), from the run config ("method='stamp' gm-c=0.5"), plus `reply-timeout` (seconds a client
+may stay silent); `flower/pyproject.toml` lists them. Server and clients build the same scenario
+from the same settings and seed; the server sends each client its task's classes and the number
+of messages it has completed ("done"), and a client whose scenario or saved state disagrees stops
+the run rather than train on the wrong data or state.
 
 Rules, as in `fcl_loop.run`: `make_server_app(cfg, aggregate=…, match=…)` and
 `make_client_app(cfg, client_update=…, end_task=…, new_state=…, match=…)` (flower_client.py, the
 client side) run any of them instead of the library's; every client tells the server the names
 of its rules, and the results JSON records them.
 
+Trust: the server checks every reply before use (replies.py: the client is the one the message
+went to, its weight the task size the server knows, its update like θ) and bounds every job by its
+operator's limits (limits.py); no line it logs names an operator's folder.
+
 Why the result equals fcl_loop's: a client's random draws come from its own `ClientState.rng`,
 which travels with the rest of its state; the server draws the participants from the seed and
-aggregates the updates in client order, as the loop does (tests/test_flower.py checks it).
+aggregates in client order (tests/test_flower.py checks it).
 """
 
 import os
@@ -59,7 +62,6 @@ from .server import participants
 
 # ---------------------------------------------------------------------------------------------
 # ServerApp
-
 
 FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}\.json")      # a job's `out`: a bare file name
 

@@ -497,14 +497,15 @@ def test_a_folder_held_by_a_run_is_refused_to_a_second_one(tmp_path):
         assert list(ck.iterdir()) == []
     finally:
         os.close(fd)
-    run(Config(**CK, checkpoint_dir=str(ck)))                # released: the folder is free again
+    with checkpoint.claim(Config(**CK, checkpoint_dir=str(ck))):     # released: the folder is free again
+        assert list(ck.iterdir()) == []
 
 
 def test_two_runs_racing_for_one_checkpoint_folder(tmp_path):
     """Started together: one runs, the other is refused in one line (exit 2) and writes nothing
     (while the winner trains, by its lock; should the winner be done first, by its checkpoint);
     the winner's checkpoint is whole."""
-    args = ["--num-clients", "2", "--num-tasks", "3", "--rounds-per-task", "2", "--local-epochs", "1", "--quiet", "true",
+    args = ["--num-clients", "2", "--num-tasks", "2", "--rounds-per-task", "2", "--local-epochs", "1", "--quiet", "true",
             "--plot", "false", "--checkpoint-dir", "ck"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", *args, "--out", f"{i}.json"], cwd=tmp_path,
@@ -516,18 +517,21 @@ def test_two_runs_racing_for_one_checkpoint_folder(tmp_path):
     assert errs[loser].count("\n") == 1 and ("is in use by another run" in errs[loser]
                                              or "already holds a checkpoint" in errs[loser]), errs[loser]
     assert not (tmp_path / f"{loser}.json").exists() and (tmp_path / f"{1 - loser}.json").exists()
-    assert torch.load(tmp_path / "ck" / checkpoint.FILE, weights_only=True)["progress"]["t"] == 3
+    assert torch.load(tmp_path / "ck" / checkpoint.FILE, weights_only=True)["progress"]["t"] == 2
     assert not leftovers(tmp_path)
 
 
-def test_resume_on_a_read_only_folder_fails_before_any_training(tmp_path):
-    script = (f'$PY -m stamp_min.fcl_loop {" ".join(TINY)} --plot false --checkpoint-dir $DISK/ck --out r.json > /dev/null '
-              '&& mount -o remount,ro $DISK && '
-              f'$PY -m stamp_min.fcl_loop {" ".join(TINY[:-2])} --plot false --checkpoint-dir $DISK/ck --resume true '
-              '--out r2.json 2> err; echo rc=$?')
+def test_resume_on_a_read_only_folder_fails_before_any_training(saved, tmp_path):
+    """The checkpoint on a read-only file system: --resume is refused up front (one line, exit 2),
+    before the data are even loaded."""
+    (tmp_path / "c.pt").write_bytes(saved[1])
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in CK.items()]
+    script = ('mkdir $DISK/ck && cp c.pt $DISK/ck/checkpoint.pt && mount -o remount,ro $DISK && '
+              f'$PY -m stamp_min.fcl_loop {" ".join(flags)} --checkpoint-dir $DISK/ck --resume true --out r.json 2> err; '
+              'echo rc=$?')
     out = full_disk(tmp_path, 4096, script)
     err = (tmp_path / "err").read_text()
-    assert "rc=2" in out and "round" not in out, (out, err)             # no round trained
+    assert "rc=2" in out and not (tmp_path / "r.json").exists(), (out, err)
     assert err.count("\n") == 1 and "checkpoint_dir=" in err and "Read-only file system" in err, err
 
 
@@ -557,7 +561,8 @@ def test_a_dataset_from_memory_whose_arrays_disagree_is_one_line(change, text):
     (lambda: run(dict(num_clients=2)), "cfg=dict is not a Config"),
     (lambda: run(None), "cfg=NoneType is not a Config"),
     (lambda: run(Config(checkpoint_dir="ck\0")), "contains a NUL"),
-], ids=["dict", "none", "nul"])
+    (lambda: flora_loop.run({"rounds": 1}), "cfg=dict is not a flora_loop.Config"),
+], ids=["dict", "none", "nul", "flora-dict"])
 def test_the_python_api_refuses_what_is_no_config(call, text):
     with pytest.raises(UserError, match=text):
         call()
@@ -565,8 +570,8 @@ def test_the_python_api_refuses_what_is_no_config(call, text):
 
 def test_a_second_signal_during_shutdown_is_quiet(tmp_path):
     """Two SIGTERMs 1 ms apart, once training runs: one line, exit 130, no traceback."""
-    p = subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", "--num-tasks", "5", "--rounds-per-task", "50",
-                          "--plot", "false", "--out", "r.json"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    p = subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", "--num-clients", "2", "--local-epochs", "1",
+                          "--rounds-per-task", "50", "--plot", "false", "--out", "r.json"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while "round 1/50" not in p.stdout.readline():
         assert p.poll() is None
