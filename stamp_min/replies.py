@@ -78,14 +78,18 @@ def train(m, k, t, r, theta, size):
     try:
         if info.get("num_examples") != size or type(info.get("num_examples")) is not int:
             raise Bad(f"num_examples={info.get('num_examples')!r:.30} but the client has {size} images in task {t + 1}")
+        number(info.get("loss"), "loss")
         for key, v in info.items():
-            if key == "loss" or not isinstance(v, list):
+            if not isinstance(v, list):                               # lists of numbers: what a MetricRecord holds
                 number(v, key)
         arrays = m.content["arrays"]
         if set(arrays.keys()) != set(theta):                       # names first: nothing converted yet
             tensors_like(dict.fromkeys(arrays.keys()), theta, "the update")
-        delta = tensors_like({n: v.to(theta[n].device) for n, v in arrays.to_torch_state_dict().items()}, theta,
-                             "the update")
+        try:
+            tensors = arrays.to_torch_state_dict()
+        except Exception as e:                                     # not an ArrayRecord, or arrays torch cannot take
+            raise Bad(f"the update cannot be read as tensors ({type(e).__name__})") from None
+        delta = tensors_like({n: v.to(theta[n].device) for n, v in tensors.items()}, theta, "the update")
         norm = sum(float(v.double().square().sum()) for v in delta.values()) ** 0.5
         if not norm < MAX_NORM:                                   # GM's Gram matrix sums squares in float32 blocks
             raise Bad(f"the update's norm is {norm:.3g}; allowed: below {MAX_NORM:g}")
