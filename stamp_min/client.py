@@ -123,22 +123,27 @@ def batches(n, batch_size, generator):
 
 
 def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, extra_losses=(), after_backward=None,
-                amp=False):
+                amp=False, memory=None):
     """SGD with cross-entropy on (x, y), in place on `model`. Returns the mean loss.
 
     extra_losses: functions (model, z, logits, xb, yb) -> scalar added to the loss (baselines,
     ProtoNet); after_backward(model) may edit the gradients before the step (A-GEM).
+    memory: (xm, ym, m): every batch is joined by m images of (xm, ym) (replay_share, baselines.py).
     x: (n, C, H, W) images, y: (n,) labels; batches are moved to the model's device (through
     pinned memory when the data live on the CPU and the model on a GPU). amp: bf16 autocast.
     """
     device = next(model.parameters()).device
     pin = device.type == "cuda" and x.device.type == "cpu"
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    draws = baselines.replay_draws(len(memory[1]), memory[2], generator) if memory is not None else None
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for idx in batches(len(y), batch_size, generator):
             xb, yb = x[idx], y[idx]
+            if draws is not None:                   # (B + m, C, H, W): the batch, then m buffer images
+                j = next(draws)
+                xb, yb = torch.cat([xb, memory[0][j].to(xb.device)]), torch.cat([yb, memory[1][j].to(yb.device)])
             if pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -153,7 +158,7 @@ def local_train(model, x, y, epochs, batch_size, lr, generator, momentum=0.0, ex
             if after_backward is not None:
                 after_backward(model)
             opt.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
+            total, count = total + loss.item() * len(yb), count + len(yb)
     return total / max(count, 1)
 
 
@@ -256,21 +261,24 @@ def client_update(model, theta, state, x, y, classes, cfg, match=gradmatch.match
         return tam_update(model, theta, state, x, y, key, cfg, generator, extras, match)
     if rule == "fedprox":
         extras.append(baselines.fedprox_loss(theta, cfg.mu))
-    elif rule == "ewc" and "ewc_fisher" in state.extra:
-        extras.append(baselines.ewc_loss(state.extra, cfg.ewc_lambda, device))
+    elif rule == "ewc":
+        penalty = baselines.ewc_loss(state.extra, cfg.ewc_lambda, device)
+        extras += [penalty] if penalty is not None else []
     elif rule == "lwf" and "lwf_old" in state.extra:
         old_model = copy.deepcopy(model)
         load_state(old_model, {n: v.to(device) for n, v in state.extra["lwf_old"].items()})
         old_classes = {c for k in state.seen if k != key for c in k}
-        distil = baselines.lwf_loss(old_model.eval(), old_classes, cfg.lwf_alpha, cfg.lwf_temperature)
+        distil = baselines.lwf_loss(old_model.eval(), old_classes, cfg.lwf_alpha, cfg.lwf_temperature, cfg.lwf_t2)
         extras += [distil] if distil is not None else []
-    elif rule == "replay" and len(state.buffer):
-        x = torch.cat([x] + [xm.to(x.device) for _, xm, _ in state.buffer])     # the buffer lives on the CPU
-        y = torch.cat([y] + [ym.to(y.device) for _, _, ym in state.buffer])
-    elif rule == "agem" and len(state.buffer):
-        bx = torch.cat([xm for _, xm, _ in state.buffer])
+    elif rule in ("replay", "agem") and len(state.buffer):
+        bx = torch.cat([xm for _, xm, _ in state.buffer])                    # the buffer lives on the CPU
         by = torch.cat([ym for _, _, ym in state.buffer])
-        hooks["after_backward"] = baselines.agem_hook(bx, by, cfg.batch_size, generator)
+        if rule == "agem":
+            hooks["after_backward"] = baselines.agem_hook(bx, by, cfg.agem_ref_size or cfg.batch_size, generator)
+        elif cfg.replay_share > 0:                                           # a share of every batch
+            hooks["memory"] = (bx, by, baselines.replay_per_batch(cfg.batch_size, cfg.replay_share))
+        else:                                                                # one pool: task + buffer
+            x, y = torch.cat([x, bx.to(x.device)]), torch.cat([y, by.to(y.device)])
     delta, loss = train_from(model, theta, theta, x, y, cfg, generator, extra_losses=extras, **hooks)
     return delta, {"loss": loss}
 
@@ -286,6 +294,6 @@ def end_task(model, theta, state, x, y, classes, cfg):
     if full:
         state.extra.setdefault("full", {})[key] = (x.cpu().clone(), y.cpu().clone())
     if rule == "ewc":
-        baselines.ewc_update_state(model, x, y, state.extra)
+        baselines.ewc_update_state(model, x, y, state.extra, cfg.ewc_mode, cfg.ewc_fisher_samples, state.rng)
     if rule == "lwf":
         state.extra["lwf_old"] = {n: v.cpu().clone() for n, v in theta.items()}

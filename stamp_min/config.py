@@ -26,8 +26,8 @@ from . import UserError, gradmatch
 from .cli import check_fields
 from .client import CLIENT_RULES
 from .coreset import SELECTORS
-from .data import SCENARIOS
 from .models import MODELS
+from .scenarios import SCENARIOS
 from .server import SERVER_RULES
 
 PRESETS = {                      # method -> (client rule, server rule)
@@ -41,7 +41,8 @@ METHODS = tuple(PRESETS)
 CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": ("",) + METHODS, "client": ("",) + CLIENT_RULES,
            "server": ("",) + SERVER_RULES, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
-           "tam_clones": ("loop", "batched"), "device": ("auto", "cpu", "cuda")}
+           "tam_clones": ("loop", "batched"), "device": ("auto", "cpu", "cuda"),
+           "ewc_mode": ("online", "separate"), "test_split": ("fixed", "per_seed")}
 NOTES = {"method": "(" + ", ".join(f"{m} = {c} + {s}" for m, (c, s) in PRESETS.items()) + ")"}   # --help
 LIMITS = {                       # field -> allowed interval (cli.check_fields); every float must also be finite
     "image_size": "[8, 1024]", "num_clients": "[1, 100000]", "num_tasks": "[0, 100000]", "classes_per_task": "[1, 100000]",
@@ -49,7 +50,8 @@ LIMITS = {                       # field -> allowed interval (cli.check_fields);
     "batch_size": "[1, 1000000]", "lr": "(0, inf)", "momentum": "[0, 1)", "participation": "(0, 1]",
     "buffer_per_class": "[1, 1000000]", "gm_c": "[0, 1000]", "eta_t": "(0, 100]", "eta_s": "(0, 100]",
     "protonet_weight": "[0, inf)", "mu": "[0, inf)", "ewc_lambda": "[0, inf)", "lwf_alpha": "[0, inf)",
-    "lwf_temperature": "[0.01, 100]", "seed": "[0, 4294967295]"}
+    "lwf_temperature": "[0.01, 100]", "ewc_fisher_samples": "[0, 1000000000]", "agem_ref_size": "[0, 1000000]",
+    "replay_share": "[0, 0.9]", "seed": "[0, 4294967295]"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
 
 
@@ -132,13 +134,28 @@ class Config:
     mu: float = 0.01
     """FedProx proximal weight μ"""
     ewc_lambda: float = 10.0
-    """EWC penalty weight λ"""
+    """EWC penalty weight λ, in (λ/2)·Σ F (w − w*)² with the per-image empirical Fisher (baselines.py: λ values of
+    libraries that square a batch-averaged gradient do not transfer)"""
+    ewc_mode: str = "online"
+    """online: one penalty, Fisher summed over tasks, anchored after the latest task | separate: one penalty per old task"""
+    ewc_fisher_samples: int = 0
+    """images EWC's Fisher is computed on at a task's end: 0 = every image of the task; N = a class-stratified random sample of N"""
     lwf_alpha: float = 1.0
-    """LwF distillation weight"""
+    """LwF distillation weight α"""
     lwf_temperature: float = 2.0
-    """LwF distillation temperature"""
+    """LwF distillation temperature T"""
+    lwf_t2: bool = True
+    """multiply LwF's distillation term by T² (Hinton et al.); false: α·KL alone (Li & Hoiem, Avalanche)"""
+    agem_ref_size: int = 0
+    """images of A-GEM's reference batch, drawn from the pooled buffer at every step (0 = batch_size)"""
+    replay_share: float = 0.0
+    """replay: 0 = the buffer joins the task's images in one shuffled pool; s in (0, 0.9] = every batch of batch_size
+    current images gets round(batch_size·s/(1−s)) buffer images (0.5: as many as current ones, Avalanche's default)"""
     validation: bool = False
     """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
+    test_split: str = "fixed"
+    """fixed: the dataset's own test split | per_seed: train and test images pooled and split again with the seed,
+    each class keeping its test count (what study.py uses: intervals over seeds then cover test-set sampling)"""
     checkpoint_dir: str = ""
     """save everything needed to continue into this folder after every round (empty = no checkpoints)"""
     resume: bool = False

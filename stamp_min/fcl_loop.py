@@ -37,9 +37,10 @@ from .cli import check_writable, main, parse_config, run_info, write_json  # noq
 from .client import float_state, load_state, memory_bytes, param_names  # noqa: E402
 from .config import CHOICES, METHODS, NOTES, PRESETS, Config  # noqa: F401,E402  (public names of the loop)
 from .coreset import task_key  # noqa: E402
-from .data import load_dataset, make_scenario, to_device_if_small, validation_split  # noqa: E402
+from .data import load_dataset, resplit, to_device_if_small, validation_split  # noqa: E402
 from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes  # noqa: E402
 from .models import build_model  # noqa: E402
+from .scenarios import make_scenario  # noqa: E402
 from .rules import DEFAULTS, bind, qualname, run_name  # noqa: E402
 from .server import participants  # noqa: E402
 from .untrusted import check_dataset  # noqa: E402
@@ -63,6 +64,8 @@ def build(cfg, dataset=None):
     """(dataset, scenario, model holding θ_0, on the CPU) of an experiment, from the settings and
     the seed alone: fcl_loop and every Flower app build the same. dataset: as in `run`."""
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    if cfg.test_split == "per_seed":
+        ds = resplit(ds, cfg.seed)    # a fresh test split for this seed (study.py: intervals cover test sampling)
     if cfg.validation:
         ds = validation_split(ds)     # tune on held-out training images; the test split is never seen
     scenario = make_scenario(ds, cfg.scenario, cfg.num_clients, cfg.num_tasks or None, cfg.classes_per_task,
@@ -187,10 +190,7 @@ def loop(cfg, dataset, fns, names, name):
             infos.append(info)
         t1 = time.perf_counter()
         p_updates = [{n: u[n] for n in params} for u in updates]
-        try:
-            G = gradmatch.gram(p_updates)                   # (K, K) over the weights: diagnostics, and SAM's G
-        except ValueError:                                  # finite updates too large to measure
-            raise diverged(cfg, t, r, "the clients' updates grew beyond float range") from None
+        G = gradmatch.gram(p_updates)                       # (K, K) over the weights: diagnostics, and SAM's G
         new = aggregate(theta, updates, weights, cfg, params=params, G=G)     # θ' (checked; rules.py)
         p_step = {n: new[n] - theta[n] for n in params}         # the step taken, measured
         theta = new

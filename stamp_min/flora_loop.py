@@ -36,10 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from . import UserError  # noqa: E402
 from .cli import check_fields, check_writable, main, parse_config, run_info, write_json  # noqa: E402
-from .data import load_dataset, make_scenario  # noqa: E402
+from .data import load_dataset, resplit  # noqa: E402
 from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target  # noqa: E402
 from .metrics import correct  # noqa: E402
 from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora  # noqa: E402
+from .scenarios import make_scenario  # noqa: E402
 
 SHIFTS = ("rotate", "invert")
 LIMITS = {"seed": "[0, 4294967295]", "num_clients": "[1, 10000]", "alpha": "[0.001, 1000000]", "angle": "[-360, 360]",
@@ -87,6 +88,8 @@ class Config:
     """FLoRA-NA AdamW steps per round"""
     per_module: bool = False
     """FLoRA-NA: one (p, q) per module instead of one shared by all modules"""
+    test_split: str = "fixed"
+    """fixed: digits' own test split | per_seed: train and test images split again with the seed (data.resplit)"""
     out: str = ""
     """results JSON path; empty = results/flora_<aggregator>_seed<seed>.json"""
     quiet: bool = False
@@ -98,6 +101,8 @@ class Config:
             raise UserError(f"aggregator={self.aggregator!r} is unknown; allowed: {', '.join(AGGREGATORS)}")
         if self.solver not in SOLVERS:
             raise UserError(f"solver={self.solver!r} is unknown; allowed: {', '.join(SOLVERS)}")
+        if self.test_split not in ("fixed", "per_seed"):
+            raise UserError(f"test_split={self.test_split!r} is unknown; allowed: fixed, per_seed")
         if self.shift not in SHIFTS:
             raise UserError(f"shift={self.shift!r} is unknown; allowed: {', '.join(SHIFTS)}")
 
@@ -204,6 +209,7 @@ def _run(cfg):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ds = load_dataset("digits")
+    ds = resplit(ds, cfg.seed) if cfg.test_split == "per_seed" else ds
     model = pretrain(cfg, ds, gen)
     x_train, x_test = shifted(ds.x_train, cfg), shifted(ds.x_test, cfg)
     n_test = len(ds.y_test)

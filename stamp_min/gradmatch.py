@@ -93,6 +93,7 @@ def gram(updates, chunk=CHUNK):
     G = None
     for _, _, _, blk in _blocks(updates, chunk):
         g = (blk @ blk.T).double()                                # (n, n) per block, summed in float64
+        g = g if torch.isfinite(g).all() else blk.double() @ blk.double().T   # overflowed: again in float64
         G = g if G is None else G + g
     if not torch.isfinite(G).all():
         raise ValueError("gradmatch.gram: non-finite Gram matrix (inf/NaN in the updates, or norms beyond float range)")

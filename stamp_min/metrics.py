@@ -68,6 +68,54 @@ def t_quantile(p, df):
     return float(t.ppf(p, df))
 
 
+def paired_interval(d, level=0.95):
+    """(mean, low, high) of the Student-t interval of paired differences d (one per seed):
+    mean ± t(1 − (1 − level)/2, n − 1) · sd(d) / √n; (mean, −inf, inf) for fewer than 2."""
+    n = len(d)
+    m = sum(d) / n if n else math.nan
+    if n < 2:
+        return m, -math.inf, math.inf
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    half = t_quantile(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def verdict(low, high, kind="better", delta=0.01):
+    """THE VERDICT RULE of every comparison in the library, its notebooks and the claims bench,
+    from the 95 % interval [low, high] of the paired differences d = A − B (signed so that d > 0
+    is what the claim says) and δ, the smallest effect worth reporting:
+
+      "better"  (A beats B)  supported     the whole interval is above 0 (however small the gain)
+                             contradicted  the whole interval is below 0, or it contains 0 and lies
+                                           inside (−δ, δ): no sign of a gain, and none as large as δ
+                             inconclusive  otherwise
+      "same"    (A equals B, an equivalence test)
+                             supported     the whole interval lies inside (−δ, δ)
+                             contradicted  the whole interval lies outside it (low ≥ δ or high ≤ −δ)
+                             inconclusive  otherwise (e.g. it excludes 0 but reaches inside ±δ)
+
+    A claim made of several comparisons is supported when every part is, contradicted when any
+    part is (`combined`). No correction for multiplicity: of many 95 % intervals, a few that
+    barely exclude 0 may do so by chance."""
+    if kind == "better":
+        if low > 0:
+            return "supported"
+        return "contradicted" if high < 0 or (-delta < low and high < delta) else "inconclusive"
+    if kind == "same":
+        if -delta < low and high < delta:
+            return "supported"
+        return "contradicted" if low >= delta or high <= -delta else "inconclusive"
+    raise ValueError(f"kind={kind!r}; allowed: better, same")
+
+
+def combined(verdicts):
+    """A claim of several comparisons: supported if all are, contradicted if any is."""
+    verdicts = list(verdicts)
+    if verdicts and all(v == "supported" for v in verdicts):
+        return "supported"
+    return "contradicted" if "contradicted" in verdicts else "inconclusive"
+
+
 def tensor_bytes(tensors):
     """Bytes of a collection of tensors (a dict's values or a list)."""
     tensors = tensors.values() if isinstance(tensors, dict) else tensors

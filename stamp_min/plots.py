@@ -5,6 +5,7 @@
 - `curves(series)`: lines over rounds, e.g. current-task accuracy per method.
 - `cosine_map(C)`: a pairwise cosine matrix of updates, red = conflicting (negative) pairs.
 - `bars(groups)`: one bar per label, the mean over seeds with its 95 % interval as an error bar.
+- `forest(comparisons)`: paired comparisons (study.compare) as intervals coloured by verdict.
 
 `use_style()` sets the course's one look (every notebook calls it in its setup cell): figures
 sharp enough for slides (dpi 120 on screen, 150 saved), fonts legible from the back of a room,
@@ -95,6 +96,49 @@ def bars(groups, ylabel="accuracy", title=None, ax=None, xlabel="method"):
     ax.set_xlabel(xlabel)
     n = {len(v) for v in groups.values()}
     ax.set_title(title or (f"mean over {n.pop()} seeds, 95 % interval" if len(n) == 1 else "mean, 95 % interval"))
+    fig.tight_layout()
+    return fig
+
+
+VERDICT_COLOURS = {"supported": PALETTE[2], "contradicted": PALETTE[3], "inconclusive": "#888888"}
+
+
+def forest(comparisons, title=None, ax=None, xlabel=None):
+    """One row per comparison (a study.Comparison, or a dict with its fields: a, b, mean, low, high,
+    verdict, delta, metric; "label" names the row, else "a vs b"): the mean paired difference as a
+    dot, its 95 % interval as a line, coloured by verdict; 0 as a line and ±δ as a band (the
+    verdict rule: metrics.verdict). An interval without end (one seed) is drawn to the edge, open."""
+    rows = [c if isinstance(c, dict) else vars(c) for c in comparisons]
+    metrics = {c.get("metric", "") for c in rows}
+    labels = [c.get("label") or f"{c['a']} vs {c['b']}" + (f" · {c.get('metric')}" if len(metrics) > 1 else "")
+              for c in rows]
+    ends = [v for c in rows for v in (c["low"], c["high"], c["mean"], c["delta"], -c["delta"]) if np.isfinite(v)]
+    lo, hi = min(ends + [0.0]), max(ends + [0.0])
+    lo, hi = lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1)
+    width = 4.5 + 0.075 * max(len(x) for x in labels)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(min(width, 16), 1.4 + 0.42 * len(rows)))
+    for i, c in enumerate(rows):
+        y = len(rows) - 1 - i
+        colour = VERDICT_COLOURS.get(c["verdict"], "black")
+        ax.fill_betweenx([y - 0.35, y + 0.35], -c["delta"], c["delta"], color="#cccccc", alpha=0.5, linewidth=0)
+        a, b = max(c["low"], lo), min(c["high"], hi)
+        ax.plot([a, b], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
+        for end, inside, mark in ((c["low"], c["low"] >= lo, "<"), (c["high"], c["high"] <= hi, ">")):
+            if not inside:
+                ax.plot([max(min(end, hi), lo)], [y], mark, color=colour, markersize=6)
+        ax.plot([c["mean"]], [y], "o", color=colour, markersize=6)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(lo, hi)
+    ax.set_yticks(range(len(rows)), labels[::-1])
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(xlabel or "paired difference A − B" + (f", {next(iter(metrics))}" if len(metrics) == 1 else "")
+                  + " (> 0: A better)")
+    for verdict in dict.fromkeys(c["verdict"] for c in rows):
+        ax.plot([], [], color=VERDICT_COLOURS.get(verdict, "black"), linewidth=2.2, label=verdict)
+    ax.fill_between([], [], color="#cccccc", alpha=0.5, label="±δ")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)
+    ax.set_title(title or "mean paired difference, 95 % interval, verdict")
+    ax.grid(axis="y", visible=False)
     fig.tight_layout()
     return fig
 

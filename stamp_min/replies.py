@@ -27,7 +27,7 @@ from . import UserError
 from .untrusted import Bad, number, tensors_like
 
 
-MAX_NORM = 1e18          # an update's norm: larger ones overflow the float32 blocks of gradmatch.gram
+MAX_NORM = 1e18          # no honest update is this large; beyond it the server's float32 arithmetic nears overflow
 
 
 class Refused(UserError):
@@ -91,7 +91,7 @@ def train(m, k, t, r, theta, size):
             raise Bad(f"the update cannot be read as tensors ({type(e).__name__})") from None
         delta = tensors_like({n: v.to(theta[n].device) for n, v in tensors.items()}, theta, "the update")
         norm = sum(float(v.double().square().sum()) for v in delta.values()) ** 0.5
-        if not norm < MAX_NORM:                                   # GM's Gram matrix sums squares in float32 blocks
+        if not norm < MAX_NORM:                                   # θ + Δ and GM's Gram blocks are float32
             raise Bad(f"the update's norm is {norm:.3g}; allowed: below {MAX_NORM:g}")
     except Bad as e:
         raise Refused(f"client {k}'s reply {where} is refused: {e}") from None
