@@ -6,11 +6,14 @@
 - `check_fields(cfg, limits)`: every field has its declared type, every float is finite, every
   number lies in its interval (`"[1, 10000]"`, `"(0, inf)"`): a mistake is one `UserError` line.
 - `main(fn)`: run `fn()`, turning a `UserError` into one line on stderr and exit status 2, a
-  failed write (full disk, size limit) into one line and exit status 1, SIGTERM into SIGINT's path.
+  failed write (full disk, size limit) into one line and exit status 1, SIGTERM into SIGINT's path;
+  a second signal while shutting down is ignored. `quiet_until_main()`: called by a command's
+  module before its heavy imports, so a signal during them is one line too.
 - `atomic_write(path, write)` / `write_json(path, obj)`: temp file in the same folder, fsync,
   rename, with SIGINT/SIGTERM held back until the rename: a reader never sees a half-written file,
   and a crash, a kill or a full disk leaves the previous file intact and no temp file behind.
-- `check_writable(path)`: fail at start, not after an hour of training.
+- `check_writable(path)`: fail at start, not after an hour of training; an existing `path` must be
+  a regular file (never a folder, FIFO or device).
 - `run_info()`: library versions and the git commit, stored in every results file.
 """
 
@@ -84,14 +87,17 @@ def _interval(text):
 
 def check_fields(cfg, limits=None):
     """Raise a one-line UserError unless every field of the dataclass `cfg` has its declared type
-    (bool, int, float (an int will do), str), every float is finite, and every field named in
-    `limits` ({name: interval text such as "[1, 10000]" or "(0, inf)"}) lies in its interval."""
+    (bool, int, float (an int will do), str), every float is finite, no string holds a NUL (no
+    path can), and every field named in `limits` ({name: interval text such as "[1, 10000]" or
+    "(0, inf)"}) lies in its interval."""
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), f.type
         ok = (type(v) is bool) if kind is bool else (isinstance(v, (int, float)) and not isinstance(v, bool)) \
             if kind is float else (isinstance(v, int) and not isinstance(v, bool)) if kind is int else isinstance(v, kind)
         if not ok:
             raise UserError(f"{f.name}={v!r} is a {type(v).__name__}; allowed: a {kind.__name__}")
+        if isinstance(v, str) and "\0" in v:
+            raise UserError(f"{f.name}={v!r} contains a NUL character; allowed: text without NUL (no path holds one)")
         if kind is float and not math.isfinite(v):
             raise UserError(f"{f.name}={v} is not a finite number; allowed: a finite {kind.__name__}")
         if f.name in (limits or {}):
@@ -102,18 +108,40 @@ def check_fields(cfg, limits=None):
                 raise UserError(f"{f.name}={v} is out of range; allowed: {low}{f.name}{high}")
 
 
-def _sigterm(signum, frame):
+def _stop(signum, frame):
+    """SIGINT/SIGTERM: stop the way Ctrl-C does (KeyboardInterrupt); a second signal while shutting
+    down is ignored, so it cannot interrupt the cleanup or print a traceback."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+_sigterm = _stop                                    # the name older code and tests use
+
+
+def _before_main(signum, frame):
+    sys.stderr.write("interrupted before the run started; nothing was written\n")
+    os._exit(130)
+
+
+def quiet_until_main():
+    """Called by a command's module (`python -m stamp_min.fcl_loop`) before it imports torch: a
+    SIGINT/SIGTERM during those seconds is one line and exit status 130, not a traceback out of
+    an import. `main` replaces these handlers with its own."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _before_main)
 
 
 def main(fn):
     """Run fn(); a UserError becomes `error: <message>` on stderr and exit status 2, a failed
     write (a full disk, a file-size limit, a folder that vanished) `error: ...` and exit status 1.
-    SIGTERM is handled like Ctrl-C: the write in progress finishes (see atomic_write) and the
-    last checkpoint stays resumable; exit status 130."""
+    SIGINT and SIGTERM stop the run like Ctrl-C: the write in progress finishes (see atomic_write)
+    and the last checkpoint stays resumable; exit status 130; a second signal is ignored."""
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # over a file-size limit: an OSError, not a silent kill
-    signal.signal(signal.SIGTERM, _sigterm)
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopped = False
     try:
         fn()
     except UserError as e:
@@ -124,21 +152,31 @@ def main(fn):
         print(f"error: cannot write{where}: {e.strerror or e}; the previous file is intact", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        stopped = True                              # shutting down: further signals stay ignored
         print("interrupted; any checkpoint written so far is complete (continue with --resume true)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for s, h in old.items():                    # for a caller in the same process (tests, notebooks)
+            if not stopped:
+                signal.signal(s, signal.default_int_handler if h is _before_main and s == signal.SIGINT
+                              else signal.SIG_DFL if h is _before_main else h)
 
 
 def check_writable(path, field="out"):
-    """Make sure `path` can be written (its folder exists or can be made, and accepts a file)."""
+    """Make sure `path` can be written: absent or a regular file (a write would replace a FIFO,
+    a device or a folder), in a folder that exists or can be made and accepts a file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{field}={str(path)!r} is a folder; allowed: a file path")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{field}={str(path)!r} is not a regular file (a FIFO, a device, a socket); allowed: a new "
+                        f"path or a regular file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-"):
             pass
     except OSError as e:
         raise UserError(f"{field}={str(path)!r} cannot be written ({e.strerror}); allowed: a path in a writable folder") from None
-    if path.is_dir():
-        raise UserError(f"{field}={str(path)!r} is a folder; allowed: a file path")
 
 
 def _clean(obj):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import UserError, gradmatch
-from .cli import check_fields, check_writable
+from .cli import check_fields
 from .client import CLIENT_RULES
 from .coreset import SELECTORS
 from .models import MODELS
@@ -48,9 +48,9 @@ LIMITS = {                       # field -> allowed interval (cli.check_fields);
     "image_size": "[8, 1024]", "num_clients": "[1, 100000]", "num_tasks": "[0, 100000]", "classes_per_task": "[1, 100000]",
     "alpha": "[0.001, 1000000]", "rounds_per_task": "[1, 100000]", "local_epochs": "[1, 100000]",
     "batch_size": "[1, 1000000]", "lr": "(0, inf)", "momentum": "[0, 1)", "participation": "(0, 1]",
-    "buffer_per_class": "[1, 1000000]", "gm_c": "[0, inf)", "eta_t": "(0, inf)", "eta_s": "(0, inf)",
+    "buffer_per_class": "[1, 1000000]", "gm_c": "[0, 1000]", "eta_t": "(0, 100]", "eta_s": "(0, 100]",
     "protonet_weight": "[0, inf)", "mu": "[0, inf)", "ewc_lambda": "[0, inf)", "lwf_alpha": "[0, inf)",
-    "lwf_temperature": "(0, inf)", "ewc_fisher_samples": "[0, 1000000000]", "agem_ref_size": "[0, 1000000]",
+    "lwf_temperature": "[0.01, 100]", "ewc_fisher_samples": "[0, 1000000000]", "agem_ref_size": "[0, 1000000]",
     "replay_share": "[0, 0.9]", "seed": "[0, 4294967295]"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
 
@@ -226,18 +226,3 @@ class Config:
                             "model); allowed: tam_clones='loop' with swin_t")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")
-
-    def check_checkpoint_dir(self):
-        """Up front, before any training: the checkpoint folder can take files, and a run that does
-        not resume never replaces a checkpoint already there unless overwrite=True."""
-        if not self.checkpoint_dir:
-            return
-        folder = Path(self.checkpoint_dir)
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"checkpoint_dir={self.checkpoint_dir!r} is a file; allowed: a folder (made if missing)")
-        if self.resume:
-            return
-        if (folder / "checkpoint.pt").exists() and not self.overwrite:
-            raise UserError(f"checkpoint_dir={self.checkpoint_dir!r} already holds a checkpoint; allowed: --resume true "
-                            f"to continue it, --overwrite true to start afresh over it, or another folder")
-        check_writable(folder / "checkpoint.pt", "checkpoint_dir")

@@ -7,7 +7,12 @@ train and a test split, plus the per-channel mean/std the model normalises with.
                  A stratified 20% is held out as the test split (fixed seed 0).
     cifar10/100  torchvision's loaders, files under `root`; downloaded only with download=True.
     imagefolder  `root/train/<class>/*` and `root/val/<class>/*` (or `root/test`), e.g. ImageNet at
-                 32x32; with no train/ folder, `root/<class>/*` and a held-out 20%. A bad file: its name.
+                 32x32; with no train/ folder, `root/<class>/*` and a held-out 20% (imagefolder.py:
+                 links, loops, empty classes and decompression bombs are refused, naming the file).
+
+A Dataset given from memory (`fcl_loop.run(cfg, dataset=…)`) is checked by
+`untrusted.check_dataset`: arrays of one length with the right dtypes and shapes, labels in
+range, finite statistics.
 
 Scenarios (which client sees which images at which task) are in scenarios.py.
 """
@@ -19,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import UserError
+from . import UserError, imagefolder
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 
@@ -58,13 +63,17 @@ def _holdout(y, fraction, seed, counts=None):
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
+def _split(x, y):
+    """(x_train, y_train, x_test, y_test): a stratified 20 % of every class held out (seed 0)."""
+    tr, te = _holdout(y, 0.2, seed=0)
+    return x[tr], y[tr], x[te], y[te]
+
+
 def _digits():
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.from_numpy(np.round(d.images * (255 / 16))).to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8)
-    y = torch.from_numpy(d.target).long()
-    tr, te = _holdout(y, 0.2, seed=0)
-    return x[tr], y[tr], x[te], y[te], 10
+    return (*_split(x, torch.from_numpy(d.target).long()), 10)
 
 
 def _cifar(name, root, download):
@@ -87,41 +96,6 @@ def _cifar(name, root, download):
     return (*out, len(splits[0].classes))
 
 
-def _image_folder(root, image_size):
-    import torchvision
-    from torchvision import transforms
-    root = Path(root)
-    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
-
-    def image(ds, i):                                           # (3, H, W) uint8
-        try:
-            return ds[i][0][:3] if ds[i][0].shape[0] >= 3 else ds[i][0].expand(3, -1, -1)
-        except (OSError, ValueError, SyntaxError) as e:        # PIL: truncated, not an image, bad header
-            raise UserError(f"dataset='imagefolder': {ds.samples[i][0]!r} is not a readable image "
-                            f"({type(e).__name__}); allowed: delete or replace that file") from None
-
-    def load(folder):
-        ds = torchvision.datasets.ImageFolder(str(folder), transform=tf)
-        return torch.stack([image(ds, i) for i in range(len(ds))]), torch.tensor(ds.targets).long(), ds.classes
-
-    try:
-        test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-        if (root / "train").is_dir() and test_dir is not None:
-            x, y, classes = load(root / "train")
-            x_te, y_te, classes_te = load(test_dir)
-            if classes_te != classes:
-                raise UserError(f"data_root={str(root)!r}: train/ and {test_dir.name}/ have different class folders; "
-                                f"allowed: the same class sub-folders in both")
-            return x, y, x_te, y_te, len(classes)
-        x, y, classes = load(root)
-    except (FileNotFoundError, RuntimeError) as e:     # torchvision's message would list the folder's contents
-        raise UserError(f"dataset='imagefolder': cannot read {str(root)!r} ({type(e).__name__}: no class folder with "
-                        f"readable images); allowed: a folder with one sub-folder of images per class (optionally "
-                        f"under train/ and val/)") from None
-    tr, te = _holdout(y, 0.2, seed=0)
-    return x[tr], y[tr], x[te], y[te], len(classes)
-
-
 def load_dataset(name, root="data", download=False, image_size=32):
     """Load a dataset into memory as uint8 tensors. `image_size` is used by imagefolder only."""
     if name == "digits":
@@ -129,7 +103,8 @@ def load_dataset(name, root="data", download=False, image_size=32):
     elif name in ("cifar10", "cifar100"):
         parts = _cifar(name, root, download)
     elif name == "imagefolder":
-        parts = _image_folder(root, image_size)
+        (x, y), test, k = imagefolder.load(root, image_size)
+        parts = (*(x, y), *test, k) if test else (*_split(x, y), k)
     else:
         raise UserError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
     x, y, x_te, y_te, k = parts

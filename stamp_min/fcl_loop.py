@@ -22,22 +22,28 @@ that the library's TAM and SAM call. A variant is a function, e.g. a server rule
 Run it:  python -m stamp_min.fcl_loop --help
 """
 
-import time
-from dataclasses import asdict, replace
+from .cli import quiet_until_main
 
-import torch
+if __name__ == "__main__":
+    quiet_until_main()          # a signal while torch loads is one line, not a traceback
 
-from . import UserError, checkpoint, client, gradmatch, server
-from .cli import check_writable, main, parse_config, run_info, write_json
-from .client import float_state, load_state, memory_bytes, param_names
-from .config import CHOICES, METHODS, NOTES, PRESETS, Config  # noqa: F401  (public names of the loop)
-from .coreset import task_key
-from .data import Dataset, load_dataset, resplit, to_device_if_small, validation_split
-from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
-from .models import build_model
-from .scenarios import make_scenario
-from .rules import DEFAULTS, bind, qualname, run_name
-from .server import participants
+import time  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from . import UserError, checkpoint, client, gradmatch, server  # noqa: E402
+from .cli import check_writable, main, parse_config, run_info, write_json  # noqa: E402
+from .client import float_state, load_state, memory_bytes, param_names  # noqa: E402
+from .config import CHOICES, METHODS, NOTES, PRESETS, Config  # noqa: F401,E402  (public names of the loop)
+from .coreset import task_key  # noqa: E402
+from .data import load_dataset, resplit, to_device_if_small, validation_split  # noqa: E402
+from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes  # noqa: E402
+from .models import build_model  # noqa: E402
+from .scenarios import make_scenario  # noqa: E402
+from .rules import DEFAULTS, bind, qualname, run_name  # noqa: E402
+from .server import participants  # noqa: E402
+from .untrusted import check_dataset  # noqa: E402
 
 def mean(values):
     values = list(values)
@@ -110,16 +116,35 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     The rules, each replaceable for this run (defaults: the library's; signatures: rules.py):
     client_update, end_task, new_state, aggregate, and match, the GM operator that the library's
     client_update (TAM) and aggregate (SAM) call; a rule of yours that wants it calls it itself.
-    Every rule is called with the model holding θ and must not change θ in place."""
+    Every rule is called with the model holding θ and must not change θ in place.
+    Checked before anything is built: cfg is a valid Config, the dataset's arrays agree, the rules
+    are functions, and the checkpoint folder (if any) is free for this run, which holds it."""
+    if not isinstance(cfg, Config):
+        raise UserError(f"cfg={type(cfg).__name__} is not a Config; allowed: run(Config(...)), Config from stamp_min.fcl_loop")
     cfg.validate()
-    cfg.check_checkpoint_dir()                                            # before any training, not after round 1
-    if dataset is not None and not isinstance(dataset, Dataset):
-        raise UserError(f"dataset={type(dataset).__name__} is not a data.Dataset; allowed: None or a data.Dataset "
-                        f"(rules are keywords: run(cfg, aggregate=f))")
+    if dataset is not None:
+        check_dataset(dataset)
     cfg = cfg.resolved()                                                  # the rule pair in force, spelled out
     fns, names, own = bind(client_update, end_task, new_state, aggregate, match)
+    with checkpoint.claim(cfg):                                  # one writer per checkpoint folder, for the whole run
+        return loop(cfg, dataset, fns, names, run_name(cfg, own))
+
+
+def diverged(cfg, t, r, what):
+    """One line for training that diverged in task t round r (what: "client 0's local training
+    diverged (NaN/inf)"), with what can be told of the cause. θ came checked (finite) and so did
+    the data, so with η_s > 1 after a server step it is η_s; otherwise the line says what was checked."""
+    where = f"{what} in task {t + 1} round {r + 1}"
+    if cfg.server_rule == "gm" and cfg.eta_s > 1 and (t, r) != (0, 0):
+        return UserError(f"eta_s={cfg.eta_s}: {where}, from θ after server steps scaled by eta_s > 1; allowed: eta_s <= 1, "
+                         f"or a smaller lr")
+    return UserError(f"lr={cfg.lr}: {where}, from a finite θ on checked data (finite statistics, labels in range); "
+                     f"allowed: a smaller lr or a weaker regulariser")
+
+
+def loop(cfg, dataset, fns, names, name):
+    """The loop of `run`, with its settings, data and rules checked (fns: rules.bind's)."""
     client_update, end_task, new_state, aggregate = (fns[k] for k in ("client_update", "end_task", "new_state", "aggregate"))
-    name = run_name(cfg, own)
     say = (lambda *a: None) if cfg.quiet else print
     start = time.perf_counter()
     device = device_of(cfg)
@@ -139,7 +164,7 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
     clients = [new_state(k, cfg) for k in range(K)]
     if cfg.resume:
-        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients, fresh=st)
+        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients, fresh=st, data=ds)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
         say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
     model_bytes = tensor_bytes(st["theta"])
@@ -156,7 +181,10 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
             task = scenario.tasks[k][t]
             x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
             load_state(model, theta)                        # every rule is called with the model holding θ
-            delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
+            try:
+                delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
+            except UserError as e:                          # the library's own divergence line: say more
+                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)") if " diverged" in str(e) else e) from None
             updates.append(delta)
             weights.append(len(y))
             infos.append(info)

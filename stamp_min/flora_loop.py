@@ -21,21 +21,26 @@ generator, the same on every client; B = 0).
 Run it:  python -m stamp_min.flora_loop --help
 """
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from .cli import quiet_until_main
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+if __name__ == "__main__":
+    quiet_until_main()          # a signal while torch loads is one line, not a traceback
 
-from . import UserError
-from .cli import check_fields, check_writable, main, parse_config, run_info, write_json
-from .data import load_dataset, resplit
-from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target
-from .metrics import correct
-from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora
-from .scenarios import make_scenario
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from . import UserError  # noqa: E402
+from .cli import check_fields, check_writable, main, parse_config, run_info, write_json  # noqa: E402
+from .data import load_dataset, resplit  # noqa: E402
+from .flora_na import AGGREGATORS, SOLVERS, aggregate_lora, payload, target  # noqa: E402
+from .metrics import correct  # noqa: E402
+from .lora import fold_into_base, get_lora, inject_lora, lora_modules, lora_shapes, set_lora  # noqa: E402
+from .scenarios import make_scenario  # noqa: E402
 
 SHIFTS = ("rotate", "invert")
 LIMITS = {"seed": "[0, 4294967295]", "num_clients": "[1, 10000]", "alpha": "[0.001, 1000000]", "angle": "[-360, 360]",
@@ -187,6 +192,8 @@ def run(cfg):
 
     Runs on one intra-op thread (restored afterwards): the MLP is so small that a second thread only
     adds synchronisation, and when other processes share the cores it is 10-50x slower."""
+    if not isinstance(cfg, Config):
+        raise UserError(f"cfg={type(cfg).__name__} is not a flora_loop.Config; allowed: run(Config(...))")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

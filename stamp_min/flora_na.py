@@ -61,7 +61,6 @@ def _w(weights):
 
 
 # ------------------------------------ the ideal aggregate, dense (small sizes: teaching and tests)
-
 def target(As, Bs, w):
     """P = Σ_u w_u B_u A_u for one module. As (U, r, k), Bs (U, d, r), w (U,) -> (d, k)."""
     return torch.einsum("u,udr,urk->dk", _w(w).to(As), Bs, As)
@@ -75,7 +74,6 @@ def cross_term(As, Bs, w):
 
 
 # ---------------------------------------------------------------------------------- the Gram trick
-
 def products_gram(Y, X):
     """K[(j,i),(l,m)] = <Y_j X_i, Y_l X_m>_F = tr((Y_jᵀ Y_l)(X_m X_iᵀ)): the Gram matrix of the n²
     rank-r products Y_j X_i, from r×r blocks only. Y (n, d, r), X (n, r, k) -> (n², n²).
@@ -109,7 +107,6 @@ def residual(As, Bs, w, A_hat, B_hat, eps=EPS):
 
 
 # ------------------------------------------------------- FLoRA-NA's objective and estimator (§2.2)
-
 @dataclass
 class Problem:
     """One module group reduced to what J(p, q) needs: (U+1)² × (U+1)² numbers per module."""
@@ -215,7 +212,6 @@ def estimate(As, Bs, w, A_prev, B_prev, solver="adamw", per_module=False, steps=
 
 
 # -------------------------------------- the truncated-SVD oracle (Eckart–Young), without forming T
-
 def svd_oracle(As, Bs, w, r):
     """Best rank-r factors of P = Σ w_u B_u A_u for one module, via QR of the stacked factors.
 
@@ -234,7 +230,6 @@ def svd_oracle(As, Bs, w, r):
 
 
 # ------------------------------------------------------------------------ the server rules of §2.3
-
 @dataclass
 class Aggregate:
     lora: dict              # {name: (A, B)} the new global factors (FedSA: B is None, it stays on clients)
@@ -298,3 +293,8 @@ def payload(method, shapes, num_clients, bytes_per_number=4):
         up, down = up + u, down + dn
     return up * bytes_per_number, down * bytes_per_number
 
+
+if __name__ == "__main__":        # the old command: say where the experiment's CLI is (exit status 2, a mistake)
+    import sys
+    sys.stderr.write("error: flora_na holds the aggregators; allowed: python -m stamp_min.flora_loop (the experiment)\n")
+    raise SystemExit(2)

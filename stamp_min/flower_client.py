@@ -16,6 +16,7 @@ as `fcl_loop.run`; the library's client_update gets the `match` in use.
 
 import copy
 import json
+import math
 from dataclasses import asdict, fields, replace
 from functools import lru_cache
 
@@ -25,7 +26,9 @@ from flwr.clientapp import ClientApp
 
 from . import UserError, client, gradmatch
 from .client import load_state, memory_bytes, restore, state_dict
+from .data import load_dataset
 from .fcl_loop import Config, build, device_of
+from .limits import check as check_job, operator_limits, private
 from .rules import bind
 
 ERROR_CODE = 1000               # Flower error code of a stamp_min client error (UserError)
@@ -53,8 +56,8 @@ def settings(run_config, base=Config()):
     extra = {n: changes.pop(n, v) for n, v in FLOWER_ONLY.items()}
     cfg = replace(base, **changes)
     cfg.validate()
-    if not extra["reply_timeout"] > 0:
-        raise UserError(f"reply-timeout={extra['reply_timeout']} must be positive; allowed: > 0 (seconds)")
+    if not (math.isfinite(extra["reply_timeout"]) and extra["reply_timeout"] > 0):
+        raise UserError(f"reply-timeout={extra['reply_timeout']} must be positive and finite; allowed: > 0 (seconds)")
     return cfg, extra
 
 
@@ -70,17 +73,27 @@ def node_settings(cfg, node_config):
     return replace(cfg, data_root=str(node_config.get("data-root", cfg.data_root)), download=download)
 
 
-def experiment(cfg):
+def experiment(cfg, check=None):
     """(dataset, scenario, model with θ_0) of a run, built alike on the server and on every client.
     Data and scenario are built once per process (Flower calls a ClientApp once per message); the
-    model is a fresh copy every time, so nothing a run does to it leaks into another."""
+    model is a fresh copy every time, so nothing a run does to it leaks into another. check(number
+    of classes): called once the dataset is read, before the scenario is built (limits.check)."""
+    ds = _dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size)
+    if check is not None:
+        check(ds.num_classes)
     ds, scenario, model = _experiment(json.dumps(asdict(cfg), sort_keys=True))
     return ds, scenario, copy.deepcopy(model)
 
 
 @lru_cache(maxsize=2)
+def _dataset(name, root, download, image_size):
+    return load_dataset(name, root, download, image_size)
+
+
+@lru_cache(maxsize=2)
 def _experiment(settings):
-    return build(Config(**json.loads(settings)))
+    cfg = Config(**json.loads(settings))
+    return build(cfg, _dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size))
 
 
 def on(arrays, device):
@@ -186,8 +199,11 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
     app = ClientApp()
 
     def whoami(context):
-        """(Config, client k) from the run config and this SuperNode's node config."""
-        cfg = node_settings(config_from(context.run_config, base), context.node_config)
+        """(Config, client k, check(number of classes)) from the run config and this SuperNode's
+        node config, within the limits its operator set there (limits.py)."""
+        cfg, extra = settings(context.run_config, base)
+        cfg, lim = node_settings(cfg, context.node_config), operator_limits(context.node_config, "node config")
+        check_job(cfg, extra, lim)
         if "partition-id" not in context.node_config:
             raise UserError("this SuperNode has no partition-id; allowed: flower-supernode --node-config "
                             "'partition-id=K num-partitions=N' with K in 0..N-1")
@@ -195,13 +211,13 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         if not 0 <= k < cfg.num_clients:
             raise UserError(f"partition-id={k} but the run has num-clients={cfg.num_clients}; "
                             f"allowed: 0..{cfg.num_clients - 1}")
-        return cfg, k
+        return cfg, k, lambda classes: check_job(cfg, extra, lim, classes)
 
     def receive(msg, context):
         """What a train message brings to client k: settings, the model holding θ (on the device),
         θ itself, the client's restored state, and its own data of task t (x, y, classes)."""
-        cfg, k = whoami(context)
-        ds, scenario, model = experiment(cfg)
+        cfg, k, check = whoami(context)
+        ds, scenario, model = experiment(cfg, check)
         config = msg.content["config"]
         t, classes = int(config["task"]), list(config["classes"])
         task = scenario.tasks[k][t]
@@ -216,12 +232,16 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         return cfg, k, model, theta, state, data
 
     def guarded(handler):
-        """A stamp_min error becomes an error reply with a plain reason (the ServerApp reports it)."""
+        """Any error becomes an error reply with a plain one-line reason (the ServerApp reports it),
+        naming no folder of this machine."""
         def handle(msg, context):
             try:
                 return handler(msg, context)
-            except UserError as e:
-                return Message(Error(code=ERROR_CODE, reason=str(e)), reply_to=msg)
+            except Exception as e:
+                why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
+                root = str(context.node_config.get("data-root", base.data_root))
+                return Message(Error(code=ERROR_CODE, reason=private(why, {root: "<this node's data folder>"})),
+                               reply_to=msg)
         return handle
 
     def reply(msg, metrics, arrays=None):
@@ -233,7 +253,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
     @app.query()
     @guarded
     def who(msg, context):
-        cfg, k = whoami(context)
+        cfg, k, _ = whoami(context)
         answer = reply(msg, {"client": k, "num-partitions": int(context.node_config.get("num-partitions", -1))})
         answer.content["rules"] = ConfigRecord(names)                      # the server records them
         answer.content["own"] = ConfigRecord(own)                          # and names the run after them

@@ -109,6 +109,24 @@ def _dirichlet(ds, num_clients, num_tasks, cpt, alpha, min_samples, seed, max_re
     return tasks
 
 
+MAX_INDICES = 50_000_000        # image indices a scenario may hold (int64: 400 MB)
+
+
+def check_size(ds, kind, K, T, cpt, share_samples, min_samples):
+    """Before building: the scenario's index tensors fit in MAX_INDICES, and a Dirichlet split can
+    give every client min_samples images of every task."""
+    train, test = (torch.bincount(y, minlength=ds.num_classes) for y in (ds.y_train, ds.y_test))
+    need = K * T * cpt * (int(test.max()) + (int(train.max()) if share_samples else 0)) + len(ds.y_train)
+    if need > MAX_INDICES:
+        shared = " with share_samples" if share_samples else ""
+        raise UserError(f"num_clients={K}: {K} clients x {T} tasks{shared} would hold {need:,} image indices "
+                        f"({need * 8 / 1e9:.1f} GB); allowed: at most {MAX_INDICES:,} (fewer clients or tasks"
+                        f"{', or no share_samples' if share_samples else ''})")
+    if kind == "dirichlet" and K * min_samples > int(train.sort(descending=True).values[:cpt].sum()):
+        raise UserError(f"num_clients={K}: a task of {cpt} classes has too few images to give {K} clients "
+                        f"min_samples={min_samples} each; allowed: fewer clients or more classes per task")
+
+
 def make_scenario(ds, kind="permutation", num_clients=5, num_tasks=None, classes_per_task=2,
                   alpha=0.5, share_samples=False, min_samples=10, seed=0):
     """Cut `ds` into a client x task grid of `Task`s. num_tasks=None: as many as the classes allow."""
@@ -125,6 +143,7 @@ def make_scenario(ds, kind="permutation", num_clients=5, num_tasks=None, classes
     if not 1 <= num_tasks <= max_tasks:
         raise UserError(f"num_tasks={num_tasks}: {num_tasks} tasks of {classes_per_task} classes need "
                         f"{num_tasks * classes_per_task} classes, {ds.name} has {ds.num_classes}; allowed: 1..{max_tasks}")
+    check_size(ds, kind, num_clients, num_tasks, classes_per_task, share_samples, min_samples)
     if kind == "permutation":
         tasks = _permutation(ds, num_clients, num_tasks, classes_per_task, share_samples, seed)
     else:

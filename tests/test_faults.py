@@ -4,9 +4,11 @@ leaves behind a file. Reference: the bytes of a file that was there before, and 
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,17 @@ def imagefolder(root, bad=None):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / c / f"{i}.png")
     if bad:
         (root / "a" / bad).write_bytes(b"not an image at all")
+
+
+def png_claiming(path, width, height):
+    """A PNG of a few bytes whose header claims width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def cifar_damaged(root):
@@ -98,6 +111,39 @@ FCL = [
     ("imagefolder-bad-image", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
      lambda t: imagefolder(t / "img", bad="9.png"), "9.png' is not a readable image"),
     ("diverged", ["--lr", "1e6"], None, "diverged"),
+    # issue 24
+    ("out-fifo", ["--out", "{tmp}/fifo.json"], lambda t: os.mkfifo(t / "fifo.json"), "is not a regular file"),
+    ("out-device", ["--out", "/dev/null"], None, "out='/dev/null' is not a regular file"),
+    ("checkpoint-dir-dangling-link", ["--checkpoint-dir", "{tmp}/ln"], lambda t: (t / "ln").symlink_to(t / "gone"),
+     "is a link to nothing"),
+    ("checkpoint-dir-nul", ["--checkpoint-dir", "ck\0x"], None, "checkpoint_dir='ck\\x00x' contains a NUL"),
+    ("data-root-nul", ["--data-root", "d\0"], None, "data_root='d\\x00' contains a NUL"),
+    ("eta-s-huge", ["--method", "stamp", "--eta-s", "1e300"], None, "eta_s=1e+300 is out of range"),
+    ("lwf-temperature-tiny", ["--method", "lwf", "--lwf-temperature", "1e-300"], None, "lwf_temperature=1e-300 is out"),
+    ("gm-c-huge", ["--method", "stamp", "--gm-c", "1e300"], None, "gm_c=1e+300 is out of range"),
+    ("share-samples-huge", ["--num-clients", "100000", "--num-tasks", "0", "--share-samples", "true"], None,
+     "would hold"),
+    ("dirichlet-too-many-clients", ["--scenario", "dirichlet", "--num-clients", "5000"], None, "too few images"),
+    ("diverged-eta-s", ["--method", "stamp", "--eta-s", "50", "--rounds-per-task", "3"], None,
+     "eta_s=50.0: client 0's local training diverged (NaN/inf) in task "),
+    ("imagefolder-bomb", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or png_claiming(t / "img" / "b" / "big.png", 20000, 20000), "'b/big.png' is too large"),
+    ("imagefolder-bomb-below-pil", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or png_claiming(t / "img" / "b" / "big.png", 7000, 7000), "7000 x 7000 pixels"),
+    ("imagefolder-link-loop", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or (t / "img" / "a" / "l1").symlink_to(".."), "'a/l1' reaches '.' a second time"),
+    ("imagefolder-two-loops", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or (t / "img" / "a" / "l1").symlink_to("..") or (t / "img" / "b" / "l2").symlink_to(
+         "../a"), "a second time"),
+    ("imagefolder-link-out", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or imagefolder(t / "other") or (t / "img" / "a" / "x").symlink_to(t / "other" / "a"),
+     "'a/x' is a link that leaves the data folder"),
+    ("imagefolder-link-to-class", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or (t / "img" / "a" / "x").symlink_to("../b"), "'a/x' reaches 'b' a second time"),
+    ("imagefolder-broken-link", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or (t / "img" / "a" / "x.png").symlink_to("gone.png"), "'a/x.png' is a broken link"),
+    ("imagefolder-empty-class", ["--dataset", "imagefolder", "--data-root", "{tmp}/img"],
+     lambda t: imagefolder(t / "img") or (t / "img" / "c").mkdir(), "class folder 'c' holds no image"),
 ]
 if not torch.cuda.is_available():
     FCL.append(("no-cuda", ["--device", "cuda"], None, "device='cuda'"))
@@ -199,12 +245,14 @@ def test_a_signal_during_a_write_waits_for_the_rename(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)           # arrives now, held back by atomic_write
         f.write(b"second half")
 
-    old = signal.signal(signal.SIGTERM, cli._sigterm)
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, cli._sigterm)
     try:
         with pytest.raises(KeyboardInterrupt):
             cli.atomic_write(path, write)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     assert path.read_bytes() == b"first half second half" and not leftovers(tmp_path)
 
 
@@ -293,3 +341,264 @@ def test_a_download_without_network_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "download into" in err and "internet" in err and not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24: checkpoints checked whole, one writer per folder, data, signals, the Python API
+
+CK = dict(num_clients=2, num_tasks=2, rounds_per_task=1, local_epochs=1, method="replay", buffer_per_class=2,
+          quiet=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The state of a finished tiny run's checkpoint (replay: clients keep a buffer), and its bytes."""
+    folder = tmp_path_factory.mktemp("ck")
+    run(Config(**CK, checkpoint_dir=str(folder)))
+    return torch.load(folder / checkpoint.FILE, weights_only=True), (folder / checkpoint.FILE).read_bytes()
+
+
+def first(d, end):
+    return next(n for n in d if n.endswith(end))
+
+
+def chain(n):
+    """A list shared 2**n times (a pickle of n+1 small lists): a walk that follows it visits 2**n nodes."""
+    x = [0]
+    for _ in range(n):
+        x = [x, x]
+    return x
+
+
+def edit(path, *keys, value=None, fn=None):
+    def change(state):
+        *head, last = keys
+        d = state
+        for k in head:
+            d = d[k]
+        d[last] = fn(d[last]) if fn else value
+    return change
+
+
+# (id, change(state) in place, text the one line must contain)
+CHECKPOINTS = [
+    ("acc-int64", edit(None, "progress", "acc", fn=lambda a: a.long()), "acc is int64 (2, 2); allowed: a float64 (2, 2)"),
+    ("acc-unmeasured", edit(None, "progress", "acc", fn=lambda a: torch.full_like(a, float("nan"))),
+     "acc is not an accuracy matrix of 2 finished tasks"),
+    ("acc-over-1", edit(None, "progress", "acc", fn=lambda a: a.nan_to_num(7.0)), "acc is not an accuracy matrix"),
+    ("r-beyond-rounds", edit(None, "progress", "r", value=1), "r=1 is out of range"),
+    ("t-beyond-tasks", edit(None, "progress", "t", value=3), "t=3 is out of range"),
+    ("t-str", edit(None, "progress", "t", value="1"), "t='1' is a str"),
+    ("t-bool", edit(None, "progress", "t", value=True), "t=True is a bool"),
+    ("theta-nan", lambda s: s["progress"]["theta"][first(s["progress"]["theta"], "weight")].fill_(float("nan")),
+     "is not finite"),
+    ("theta-float64", edit(None, "progress", "theta", fn=lambda th: {n: v.double() for n, v in th.items()}), "float64; allowed"),
+    ("theta-missing", lambda s: s["progress"]["theta"].pop(first(s["progress"]["theta"], "bias")),
+     "θ does not have the model's entries (missing"),
+    ("theta-not-a-dict", edit(None, "progress", "theta", value=[1, 2]), "θ does not have the model's entries (list)"),
+    ("log-short", edit(None, "progress", "log", fn=lambda x: x[:1]), "log does not hold one entry per round done"),
+    ("log-tensor", lambda s: s["progress"]["log"][0].update(loss=torch.ones(3)), "holds something a results file cannot"),
+    ("log-out-of-order", edit(None, "progress", "log", fn=lambda x: x[::-1]), "log[0] is not the entry of task 0 round 0"),
+    ("round-acc-short", edit(None, "progress", "round_acc", value=[[0.5], []]), "round_acc does not hold one accuracy"),
+    ("round-acc-str", edit(None, "progress", "round_acc", value=[["0.5"], [0.5]]), "round_acc[0]='0.5' is a str"),
+    ("comm-negative", edit(None, "progress", "comm", value=-1), "comm=-1 is out of range"),
+    ("elapsed-inf", edit(None, "progress", "elapsed", value=float("inf")), "is infinite"),
+    ("progress-extra-field", lambda s: s["progress"].update(x=1), "progress has fields"),
+    ("clients-short", edit(None, "clients", fn=lambda c: c[:1]), "does not hold 2 client states"),
+    ("clients-swapped", edit(None, "clients", fn=lambda c: c[::-1]), "clients[0] belongs to client 1"),
+    ("client-class-out-of-range", lambda s: s["clients"][0]["seen"].append([3, 99]), "seen class=99 is out of range"),
+    ("client-rng-list", edit(None, "clients", 0, "rng", value=[1, 2]), "clients[0]['rng'] is a list"),
+    ("client-buffer-images", lambda s: s["clients"][1]["buffer"]["x"].__setitem__(0, torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
+     "clients[1].buffer holds images or labels unlike the dataset's"),
+    ("client-buffer-labels", lambda s: s["clients"][1]["buffer"]["y"][0].fill_(42), "unlike the dataset's"),
+    ("client-buffer-missing", edit(None, "clients", 0, "buffer", value=None), "clients[0].buffer is missing"),
+    ("client-extra-theta-shaped", lambda s: s["clients"][0]["extra"].update(
+        lwf_old={n: torch.zeros(1) for n in s["progress"]["theta"]}), "clients[0].extra['lwf_old']"),
+    ("client-extra-nan", lambda s: s["clients"][0]["extra"].update(x=torch.tensor([float("nan")])), "is not finite"),
+    ("rng-missing", lambda s: s["rng"].pop("generator"), "its random states are not torch's"),
+    ("rng-wrong-size", edit(None, "rng", "torch", fn=lambda r: r[:10]), "rng['torch'] is (10,) uint8"),
+    ("config-empty", edit(None, "config", value={}), "its config lacks the settings"),
+    ("config-tensor", lambda s: s["config"].update(lr=torch.ones(2)), "its config or rules are not plain settings"),
+    ("extra-top-field", lambda s: s.update(more=1), "it has the fields"),
+    ("shared-list-bomb", lambda s: s["progress"]["log"][0].update(x=chain(40)), "has too many parts"),
+    ("stride-0-bomb", lambda s: s["clients"][0]["extra"].update(x=torch.zeros(1).expand(10**12)),
+     "larger than this run can write"),
+]
+
+
+@pytest.mark.parametrize("change, text", [c[1:] for c in CHECKPOINTS], ids=[c[0] for c in CHECKPOINTS])
+def test_a_checkpoint_is_checked_whole_before_use(change, text, saved, tmp_path):
+    import copy
+    state = copy.deepcopy(saved[0])
+    change(state)
+    (tmp_path / "ck").mkdir()
+    torch.save(state, tmp_path / "ck" / checkpoint.FILE)
+    before = listing(tmp_path)
+    with pytest.raises(UserError) as e:
+        run(Config(**CK, checkpoint_dir=str(tmp_path / "ck"), resume=True))
+    assert text in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "is damaged" in str(e.value) or "cannot be read" in str(e.value), str(e.value)
+    assert listing(tmp_path) == before                     # nothing written, nothing removed
+
+
+def test_the_untouched_checkpoint_resumes(saved, tmp_path):
+    """The reference of the table above: the same file, unchanged, resumes (the run is finished)."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / checkpoint.FILE).write_bytes(saved[1])
+    res = run(Config(**CK, checkpoint_dir=str(tmp_path / "ck"), resume=True))
+    assert torch.equal(torch.tensor(res["acc_matrix"], dtype=torch.float64).nan_to_num(-1), saved[0]["progress"]["acc"].nan_to_num(-1))
+
+
+def deflated(state, path, limit):
+    """The checkpoint's zip with every entry compressed: small on disk, `limit` bytes when unpacked."""
+    import io
+    import zipfile
+    raw = io.BytesIO()
+    torch.save(state, raw)
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+        dst.writestr("bomb/data/99", b"\0" * limit)
+
+
+@pytest.mark.parametrize("make, text", [
+    (lambda s, p: deflated(s, p, 2**20), "cannot be read (ValueError)"),
+    (lambda s, p: open(p, "wb").truncate(2**31), "MiB, more than a checkpoint of this run can be"),
+    (lambda s, p: torch.save(s, p, _use_new_zipfile_serialization=False), "cannot be read (BadZipFile)"),
+], ids=["deflated-bomb", "too-large", "legacy-format"])
+def test_a_checkpoint_file_is_bounded_before_it_is_unpacked(make, text, saved, tmp_path):
+    (tmp_path / "ck").mkdir()
+    make(saved[0], tmp_path / "ck" / checkpoint.FILE)
+    with pytest.raises(UserError, match=re.escape(text)):
+        run(Config(**CK, checkpoint_dir=str(tmp_path / "ck"), resume=True))
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed_at_start(saved, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")        # SIGKILL in the middle of a write
+    with pytest.raises(UserError, match="holds no checkpoint.pt \\(an interrupted first write was removed\\)"):
+        run(Config(**CK, checkpoint_dir=str(ck), resume=True))
+    assert list(ck.iterdir()) == []
+    (ck / checkpoint.FILE).write_bytes(saved[1])
+    (ck / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (ck / ".probe-x7").write_bytes(b"")
+    run(Config(**CK, checkpoint_dir=str(ck), resume=True))
+    assert sorted(p.name for p in ck.iterdir()) == [checkpoint.FILE]
+
+
+def test_a_folder_held_by_a_run_is_refused_to_a_second_one(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    fd = checkpoint.lock(ck, "held")                         # what a running run holds
+    try:
+        with pytest.raises(UserError, match=r"checkpoint_dir='.*ck' is in use by another run"):
+            run(Config(**CK, checkpoint_dir=str(ck)))
+        assert list(ck.iterdir()) == []
+    finally:
+        os.close(fd)
+    with checkpoint.claim(Config(**CK, checkpoint_dir=str(ck))):     # released: the folder is free again
+        assert list(ck.iterdir()) == []
+
+
+def test_two_runs_racing_for_one_checkpoint_folder(tmp_path):
+    """Started together: one runs, the other is refused in one line (exit 2) and writes nothing
+    (while the winner trains, by its lock; should the winner be done first, by its checkpoint);
+    the winner's checkpoint is whole."""
+    args = ["--num-clients", "2", "--num-tasks", "2", "--rounds-per-task", "2", "--local-epochs", "1", "--quiet", "true",
+            "--plot", "false", "--checkpoint-dir", "ck"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", *args, "--out", f"{i}.json"], cwd=tmp_path,
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], errs
+    loser = codes.index(2)
+    assert errs[loser].count("\n") == 1 and ("is in use by another run" in errs[loser]
+                                             or "already holds a checkpoint" in errs[loser]), errs[loser]
+    assert not (tmp_path / f"{loser}.json").exists() and (tmp_path / f"{1 - loser}.json").exists()
+    assert torch.load(tmp_path / "ck" / checkpoint.FILE, weights_only=True)["progress"]["t"] == 2
+    assert not leftovers(tmp_path)
+
+
+def test_resume_on_a_read_only_folder_fails_before_any_training(saved, tmp_path):
+    """The checkpoint on a read-only file system: --resume is refused up front (one line, exit 2),
+    before the data are even loaded."""
+    (tmp_path / "c.pt").write_bytes(saved[1])
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in CK.items()]
+    script = ('mkdir $DISK/ck && cp c.pt $DISK/ck/checkpoint.pt && mount -o remount,ro $DISK && '
+              f'$PY -m stamp_min.fcl_loop {" ".join(flags)} --checkpoint-dir $DISK/ck --resume true --out r.json 2> err; '
+              'echo rc=$?')
+    out = full_disk(tmp_path, 4096, script)
+    err = (tmp_path / "err").read_text()
+    assert "rc=2" in out and not (tmp_path / "r.json").exists(), (out, err)
+    assert err.count("\n") == 1 and "checkpoint_dir=" in err and "Read-only file system" in err, err
+
+
+DATASETS = [
+    ("labels-short", lambda d: replace(d, y_train=d.y_train[:-3]), "dataset.y_train is torch.int64 (117,) for 120 images"),
+    ("label-out-of-range", lambda d: replace(d, y_test=d.y_test.clone().fill_(6)), "dataset.y_test holds label 6; allowed: 0..5"),
+    ("label-negative", lambda d: replace(d, y_train=d.y_train - 1), "dataset.y_train holds label -1"),
+    ("images-float", lambda d: replace(d, x_train=d.x_train.float()), "dataset.x_train is torch.float32"),
+    ("images-3d", lambda d: replace(d, x_test=d.x_test[:, 0]), "dataset.x_test is torch.uint8 (30, 8, 8)"),
+    ("test-other-size", lambda d: replace(d, x_test=torch.zeros(30, 1, 4, 4, dtype=torch.uint8)), "dataset.x_test has images"),
+    ("std-zero", lambda d: replace(d, std=(0.0,)), "dataset.std=(0.0,)"),
+    ("mean-nan", lambda d: replace(d, mean=(float("nan"),)), "dataset.mean=(nan,)"),
+    ("classes-float", lambda d: replace(d, num_classes=6.0), "dataset.num_classes=6.0"),
+    ("not-a-dataset", lambda d: {"x": d.x_train}, "dataset=dict is not a data.Dataset"),
+]
+
+
+@pytest.mark.parametrize("change, text", [c[1:] for c in DATASETS], ids=[c[0] for c in DATASETS])
+def test_a_dataset_from_memory_whose_arrays_disagree_is_one_line(change, text):
+    from conftest import toy_dataset
+    with pytest.raises(UserError) as e:
+        run(Config(num_clients=2, num_tasks=2, rounds_per_task=1, quiet=True), dataset=change(toy_dataset()))
+    assert text in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: run(dict(num_clients=2)), "cfg=dict is not a Config"),
+    (lambda: run(None), "cfg=NoneType is not a Config"),
+    (lambda: run(Config(checkpoint_dir="ck\0")), "contains a NUL"),
+    (lambda: flora_loop.run({"rounds": 1}), "cfg=dict is not a flora_loop.Config"),
+], ids=["dict", "none", "nul", "flora-dict"])
+def test_the_python_api_refuses_what_is_no_config(call, text):
+    with pytest.raises(UserError, match=text):
+        call()
+
+
+def test_a_second_signal_during_shutdown_is_quiet(tmp_path):
+    """Two SIGTERMs 1 ms apart, once training runs: one line, exit 130, no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", "--num-clients", "2", "--local-epochs", "1",
+                          "--rounds-per-task", "50", "--plot", "false", "--out", "r.json"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "round 1/50" not in p.stdout.readline():
+        assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    import time
+    time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_while_the_command_starts_is_one_line(tmp_path):
+    """SIGINT 0.3 s after start, while torch is still loading: one line, exit 130, nothing written."""
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "stamp_min.fcl_loop", "--out", "r.json"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_old_flora_na_command_says_where_the_cli_is(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "stamp_min.flora_na"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "python -m stamp_min.flora_loop" in out.stderr
+    assert out.stdout == "" and list(tmp_path.iterdir()) == []
