@@ -44,6 +44,15 @@ def skip_cifar_md5(monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (restored after): sums then run in one fixed order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def toy_dataset(num_classes=6, per_class=20, size=8, channels=1, seed=0):
     """A small in-memory Dataset whose classes are separable (class-dependent mean brightness)."""
     g = torch.Generator().manual_seed(seed)

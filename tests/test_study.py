@@ -144,27 +144,23 @@ def same_runs(s, t):
             assert a["acc_matrix"] == b["acc_matrix"] and [r["loss"] for r in a["rounds"]] == [r["loss"] for r in b["rounds"]]
 
 
-def test_parallel_equals_serial_and_a_cache_hit_recomputes_nothing(tmp_path, monkeypatch):
+def test_parallel_equals_serial_and_a_cache_hit_recomputes_nothing(tmp_path):
     kw = dict(seeds=[0, 1], base=BASE, tune={"lr": [0.05, 0.1]}, tune_seeds=[7], quiet=True)
     serial = study(ARMS, workers=1, cache=tmp_path / "a", **kw)
     parallel = study(ARMS, workers=2, cache=tmp_path / "b", **kw)
     same_runs(serial, parallel)
     assert serial.picks["replay"]["values"] == parallel.picks["replay"]["values"]
-    monkeypatch.setattr(pool, "execute", lambda job: pytest.fail("a cached run was computed again"))
-    again = study(ARMS, workers=1, cache=tmp_path / "a", **kw)
-    same_runs(serial, again)
-
-
-CALLS, STOP = [], [None]
-
-
-def counted(cfg):
-    """A data function that counts its calls and raises KeyboardInterrupt at call STOP[0] (module level:
-    the same function, so the same cache key, in both studies)."""
-    CALLS.append(cfg.seed)
-    if len(CALLS) == STOP[0]:
-        raise KeyboardInterrupt
-    return toy_dataset()
+    arms = {"fedavg": dict(method="fedavg", data=counted)}     # counts every run it is asked to compute
+    CALLS.clear()
+    STOP[0] = None
+    first = study(arms, workers=1, cache=tmp_path / "c", **kw)
+    assert len(CALLS) == 2 * 1 + 2                             # 2 lr values x 1 tuning seed, then 2 seeds
+    CALLS.clear()
+    again = study(arms, workers=1, cache=tmp_path / "c", **kw)
+    assert CALLS == []                                         # every run came from the cache
+    same_runs(first, again)
+    for seed in kw["seeds"]:                                   # counted's data is toy's: the same runs
+        assert first.runs["fedavg"][seed]["acc_matrix"] == serial.runs["fedavg"][seed]["acc_matrix"]
 
 
 def test_an_interrupted_study_resumes_computing_only_what_is_missing(tmp_path):

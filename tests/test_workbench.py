@@ -125,8 +125,11 @@ def test_the_round_log_has_the_step_sizes_computed_by_hand():
 
         def norm(f):
             return math.sqrt(sum(float(f(n).double().square().sum()) for n in params))
-        assert entry["update_norms"] == pytest.approx([norm(lambda n: d1[n]), norm(lambda n: d2[n])], rel=1e-6)
-        assert entry["mean_norm"] == pytest.approx(norm(lambda n: (d1[n] + d2[n]) / 2), rel=1e-6)
+        # the log's update and mean norms come from the Gram matrix, whose blocks are multiplied in float32
+        # (gradmatch.gram): ~1e-6 relative apart from these float64 sums (measured on 2 threads), so 1e-5;
+        # a wrong formula (a missing weight, a wrong client) is off by far more
+        assert entry["update_norms"] == pytest.approx([norm(lambda n: d1[n]), norm(lambda n: d2[n])], rel=1e-5)
+        assert entry["mean_norm"] == pytest.approx(norm(lambda n: (d1[n] + d2[n]) / 2), rel=1e-5)
         assert entry["step_norm"] == pytest.approx(norm(lambda n: (n1 * d1[n] + n2 * d2[n]) / (n1 + n2)), rel=1e-6)
     assert res["name"] == "fedavg_logged"
 
