@@ -3,17 +3,19 @@
 A checkpoint is one file, `<checkpoint_dir>/checkpoint.pt`, holding plain tensors, numbers,
 strings, lists, tuples and dicts only:
 
-    format      "stamp_min-checkpoint-v3"
+    format      "stamp_min-checkpoint-v4"
     config      the run's Config as a dict (a resume must use the same experiment settings)
-    rules       the qualified names of the run's five rules (a resume must run the same functions)
+    rules       the qualified names of the run's six rules (a resume must run the same functions)
     progress    task t and round r to run next, the global model θ, the accuracy matrix, the
-                per-round log, bytes communicated, seconds spent so far
+                per-round log, bytes communicated, seconds spent so far, and the server's state
+                (server.state_dict: the server optimiser's moments, a server rule's own memory)
     clients     every ClientState (client.state_dict): seen class sets, coreset/replay buffer,
                 baseline state, the client's random stream
     rng         the torch global (and CUDA) RNG states and the loop's generator (client sampling)
 
 Local optimisers are created afresh for every local training (plain SGD, their momentum starts
-at zero each round), so no optimiser state persists between rounds and none is saved.
+at zero each round), so no client optimiser state persists between rounds and none is saved; the
+server optimiser's moments are part of the server's state.
 
 One writer per folder: `claim(cfg)`, held for the whole run, takes an exclusive lock on the folder
 (flock; a second run on it is refused), removes the temp files of a write that a SIGKILL cut
@@ -41,7 +43,7 @@ from .client import restore, state_dict
 from .checkpoint_fields import check_client, check_progress, max_bytes, max_nodes
 from .untrusted import Bad, plain, tensors_like
 
-FORMAT = "stamp_min-checkpoint-v3"   # v2: every client has its own random stream; v3: the rules' names
+FORMAT = "stamp_min-checkpoint-v4"   # v2: every client has its own random stream; v3: the rules' names; v4: server state
 FILE = "checkpoint.pt"
 TEMPS = (f".{FILE}.*.tmp", ".probe-*")      # what atomic_write / check_writable leave if killed mid-write
 # fields that may differ between the run that saved and the run that resumes

@@ -38,7 +38,7 @@ def max_bytes(fresh, clients, data_bytes):
     copies of it (EWC's Fisher and anchor, LwF's old model), per client a coreset and old-task
     data up to the training set, the log and the random states."""
     theta = sum(v.numel() * v.element_size() for v in fresh["theta"].values())
-    return 2 * (theta * (2 + 3 * len(clients)) + 2 * data_bytes * len(clients)) + 64 * 2**20
+    return 2 * (theta * (5 + 3 * len(clients)) + 2 * data_bytes * len(clients)) + 64 * 2**20   # 3 more θ: the server
 
 
 def check_acc(v, f, p, R):
@@ -75,6 +75,26 @@ def check_log(v, f, p, R):
                       f"lists") from None
 
 
+def check_server(v, f, p, R):
+    """The server's state (server.state_dict): the optimiser's moments named, shaped and typed like θ's
+    entries, a broadcast of finite tensors and a rule's own plain data, both with names, the steps taken."""
+    if not (isinstance(v, dict) and set(v) == set(f["server"])):
+        raise Bad(f"server is not a server state; allowed: the fields {sorted(f['server'])}")
+    number(v["rounds"], "server.rounds", 0, p["t"] * R + p["r"], int)
+    if not (isinstance(v["opt"], dict) and set(v["opt"]) <= {"m", "v"}):
+        raise Bad("server.opt is not an optimiser's moments; allowed: m and v")
+    for k, m in v["opt"].items():
+        if not (isinstance(m, dict) and set(m) <= set(f["theta"])):
+            raise Bad(f"server.opt[{k!r}] is not named like θ; allowed: a dict of θ's entries")
+        tensors_like(m, {n: f["theta"][n] for n in m}, f"server.opt[{k!r}]")
+    for what in ("extra", "broadcast"):
+        if not (isinstance(v[what], dict) and all(isinstance(n, str) for n in v[what])):
+            raise Bad(f"server.{what} is not a dict with names; allowed: what a server rule keeps")
+        plain(v[what], f"server.{what}")
+    if not all(torch.is_tensor(x) and x.is_floating_point() for x in v["broadcast"].values()):
+        raise Bad("server.broadcast holds other things than float tensors; allowed: {name: tensor}")
+
+
 # How each field of a run's progress (fcl_loop.run: `st`) is checked: fn(value, fresh progress,
 # saved progress (fields above already checked), rounds per task R). A field not listed must have
 # exactly its fresh value's structure (tensors_like for {name: tensor}, else the same kind of plain
@@ -87,6 +107,7 @@ PROGRESS = {
     "round_acc": check_round_acc,
     "log": check_log,
     "comm": lambda v, f, p, R: number(v, "comm", 0, math.inf, int),
+    "server": check_server,
     "elapsed": lambda v, f, p, R: number(v, "elapsed", 0, math.inf),
 }
 

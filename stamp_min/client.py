@@ -15,9 +15,8 @@ start = θ by default [reading]; `clone_start="current"` starts from θ + Δ_cur
 `replay="full"` replays all old-task data, as the authors' code does [code]. For task 0 there is
 nothing to match: the update is η_t·Δ_cur (GM of one vector would only rescale it by
 (1+c)/(1+c²)). The old-task clones train one after another (`clone_updates`), or all together
-(`tam_clones="batched"`, clones.py). The coreset is refreshed at the end of each task
-(`end_task`), from the final global model. Old tasks are keyed by their class set, so a
-recurring task is the current task.
+(`tam_clones="batched"`, clones.py). The coreset is refreshed at the end of each task (`end_task`),
+from the final global model. Old tasks are keyed by their class set (a recurring task is current).
 """
 
 import copy
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 
 from . import UserError, baselines, gradmatch
 from .clones import train_clones
-from .coreset import Buffer, MixStyle, mixstyle, task_key
+from .coreset import Buffer, task_key
+from .metrics import tensor_bytes
+from .mixstyle import MixStyle, mixstyle
 
 CLIENT_RULES = ("sgd", "fedprox", "ewc", "lwf", "replay", "agem", "tam")   # cfg.client_rule (config.py)
 
@@ -44,10 +45,10 @@ class ClientState:
     buffer: Buffer = None                       # coreset / replay buffer, for the methods that have one
     extra: dict = field(default_factory=dict)   # baseline state: EWC Fisher + anchor, LwF old model, full replay data
     rng: torch.Generator = None                 # the client's own random stream: batch order, MixStyle, A-GEM draws
+    server: dict = field(default_factory=dict)  # what the server sent with θ this round (ServerState.broadcast; not saved)
 
 
-def client_seed(seed, k):
-    """Seed of client k's random stream: distinct for every (seed, k) with k < 1,000,003."""
+def client_seed(seed, k):      # client k's random stream: distinct for every (seed, k) with k < 1,000,003
     return seed * 1_000_003 + k
 
 
@@ -95,9 +96,9 @@ def param_names(model):
 
 
 def memory_bytes(state):
-    """Bytes of the images and labels a client keeps for old tasks (coreset, or full replay data)."""
-    full = state.extra.get("full", {}).values()
-    return (state.buffer.nbytes if state.buffer is not None else 0) + sum(x.nbytes + y.nbytes for x, y in full)
+    """Bytes a client keeps between rounds: its buffer's images and labels, and every tensor in
+    `state.extra` (full replay data, EWC's Fisher and anchor, LwF's old model, a variant's own)."""
+    return (state.buffer.nbytes if state.buffer is not None else 0) + tensor_bytes(state.extra)
 
 
 def float_state(model):

@@ -28,7 +28,7 @@ from .client import CLIENT_RULES
 from .coreset import SELECTORS
 from .models import MODELS
 from .scenarios import SCENARIOS
-from .server import SERVER_RULES
+from .server import SERVER_OPTS, SERVER_RULES
 
 PRESETS = {                      # method -> (client rule, server rule)
     "fedavg": ("sgd", "mean"), "fedprox": ("fedprox", "mean"), "ewc": ("ewc", "mean"), "lwf": ("lwf", "mean"),
@@ -42,7 +42,7 @@ CHOICES = {"scenario": SCENARIOS, "model": MODELS, "method": ("",) + METHODS, "c
            "server": ("",) + SERVER_RULES, "coreset_rule": tuple(SELECTORS), "gm_solver": gradmatch.SOLVERS,
            "clone_start": ("global", "current"), "replay": ("coreset", "full"), "amp": ("off", "bf16"),
            "tam_clones": ("loop", "batched"), "device": ("auto", "cpu", "cuda"),
-           "ewc_mode": ("online", "separate"), "test_split": ("fixed", "per_seed")}
+           "ewc_mode": ("online", "separate"), "test_split": ("fixed", "per_seed"), "server_opt": SERVER_OPTS}
 NOTES = {"method": "(" + ", ".join(f"{m} = {c} + {s}" for m, (c, s) in PRESETS.items()) + ")"}   # --help
 LIMITS = {                       # field -> allowed interval (cli.check_fields); every float must also be finite
     "image_size": "[8, 1024]", "num_clients": "[1, 100000]", "num_tasks": "[0, 100000]", "classes_per_task": "[1, 100000]",
@@ -51,7 +51,8 @@ LIMITS = {                       # field -> allowed interval (cli.check_fields);
     "buffer_per_class": "[1, 1000000]", "gm_c": "[0, 1000]", "eta_t": "(0, 100]", "eta_s": "(0, 100]",
     "protonet_weight": "[0, inf)", "mu": "[0, inf)", "ewc_lambda": "[0, inf)", "lwf_alpha": "[0, inf)",
     "lwf_temperature": "[0.01, 100]", "ewc_fisher_samples": "[0, 1000000000]", "agem_ref_size": "[0, 1000000]",
-    "replay_share": "[0, 0.9]", "seed": "[0, 4294967295]"}
+    "replay_share": "[0, 0.9]", "seed": "[0, 4294967295]", "server_lr": "(0, 100]", "server_momentum": "[0, 1)",
+    "server_beta2": "[0, 1)", "server_tau": "[1e-12, 1]"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,79}")     # a name is one safe file-name component
 
 
@@ -121,6 +122,16 @@ class Config:
     """client step η_t on the matched task update (the authors' code: 2)"""
     eta_s: float = 1.0
     """server step η_s on the matched client update"""
+    server_opt: str = "sgd"
+    """server optimiser on the server rule's step (server.py): sgd | momentum (FedAvgM) | adam (FedAdam)"""
+    server_lr: float = 1.0
+    """server learning rate η (sgd with 1: the server rule's step as it is)"""
+    server_momentum: float = 0.9
+    """β of momentum, β₁ of adam"""
+    server_beta2: float = 0.99
+    """β₂ of adam"""
+    server_tau: float = 1e-3
+    """τ of adam (adaptivity; v starts at τ²)"""
     clone_start: str = "global"
     """old-task updates in TAM start from the received model (global) or after current-task training (current, the authors' code)"""
     replay: str = "coreset"
@@ -161,7 +172,8 @@ class Config:
     resume: bool = False
     """continue the run saved in checkpoint_dir (same settings required)"""
     overwrite: bool = False
-    """start afresh over a checkpoint already in checkpoint_dir (without it, such a run is refused)"""
+    """start afresh over a checkpoint already in checkpoint_dir, or replace a results file made by other settings or
+    rules (without it, both are refused)"""
     amp: str = "off"
     """mixed precision for local training: off | bf16 (autocast; meant for GPUs)"""
     channels_last: bool = False

@@ -11,8 +11,8 @@ METHOD §1.3) needs an update Δ_j for every previous task j. The pieces:
   embeddings closest to p_c), `select_nearest` (the m closest to p_c), `select_random`.
 - `Buffer`: the bounded store, m raw images per class, filled at the end of a task, keyed by the
   task's class set (a recurring task is stored once), iterated per past task during TAM.
-- `MixStyle` + the `mixstyle(model, ...)` context manager: mixes per-instance feature statistics
-  after an early block, to diversify the small buffer when it is replayed.
+- `MixStyle` + the `mixstyle(model, ...)` context manager (mixstyle.py, re-exported here): mixes
+  per-instance feature statistics after an early block, to diversify the small buffer when replayed.
 
 Paper vs our reading. The paper states a prototypical, model-agnostic coreset and MixStyle; the
 authors' public code has no working coreset (METHOD §1.3). Our reading [METHOD §1.5]: herding
@@ -21,18 +21,13 @@ per METHOD; the MixStyle release defaults to 0.3). Choices neither the paper nor
 - Herding runs in float64 (ties: lowest index) on the end-of-task model's features, eval mode.
 - A class already held under an earlier task (overlapping class sets) is not stored again, so no
   class ever has more than m images; the first task keeps it.
-- MixStyle's σ uses the biased (1/HW) variance, the original code the unbiased one: the output
-  depends on σ_mix/σ only, where the factor HW/(HW−1) cancels, so they agree up to eps, and
-  ours stays finite at H·W = 1. μ, σ are detached (constants in backward), as in the original
-  code (Zhou et al., ICLR 2021); `detach=False` lets gradients flow through them too.
+- MixStyle: see mixstyle.py (σ biased, μ and σ detached, as the original code).
 """
 
-from contextlib import contextmanager
-
 import torch
-import torch.nn as nn
 
 from . import UserError
+from .mixstyle import MixStyle, mixstyle  # noqa: F401  (replaying the buffer mixes styles: mixstyle.py)
 
 # ---------------------------------------------------------------------------------------------
 # prototypes and selection rules
@@ -128,14 +123,18 @@ def embed(model, x, batch_size=256):
 class Buffer:
     """The coreset memory: at most `m_per_class` raw images per class, grouped by task.
 
-    `rule` is a key of SELECTORS; `seed` feeds the random rule (class c uses seed + c). Images
-    keep the dtype they arrive in (uint8 for our datasets) and live on the CPU; labels are int64.
-    `for key, x, y in buffer` yields the stored tasks in the order they were added.
+    `rule` is a key of SELECTORS or a selector of yours, a function like them: (features (n, D) of
+    one class, m, seed=) -> (≤ m,) indices into the n images (give it from your `new_state`:
+    `state.buffer = Buffer(m, my_selector)`). `seed` feeds the random rule (class c uses seed + c).
+    Images keep the dtype they arrive in (uint8 for our datasets) and live on the CPU; labels are
+    int64. `for key, x, y in buffer` yields the stored tasks in the order they were added; `put`
+    sets a task's contents directly (a buffer with another policy, e.g. a reservoir).
     """
 
     def __init__(self, m_per_class, rule="prototypical", seed=0):
-        if rule not in SELECTORS:
-            raise UserError(f"coreset rule={rule!r} is unknown; allowed: {', '.join(SELECTORS)}")
+        if not (callable(rule) or rule in SELECTORS):
+            raise UserError(f"coreset rule={rule!r} is unknown; allowed: {', '.join(SELECTORS)}, or a function "
+                            f"(features, m, seed=) -> indices")
         if int(m_per_class) < 1:
             raise UserError(f"m_per_class={m_per_class!r} is invalid; allowed: an integer >= 1")
         self.m, self.rule, self.seed = int(m_per_class), rule, int(seed)
@@ -158,11 +157,36 @@ class Buffer:
         for c in todo:
             idx = (y == c).nonzero().squeeze(1)           # (n_c,) this class's rows
             if len(idx):
-                keep.append(idx[SELECTORS[self.rule](z[idx], self.m, seed=self.seed + c)])
+                pick = self.select(z[idx], self.m, seed=self.seed + c)
+                if not (torch.is_tensor(pick) and pick.dim() == 1 and not pick.is_floating_point() and len(pick) <= self.m
+                        and (len(pick) == 0 or (int(pick.min()) >= 0 and int(pick.max()) < len(idx)))):
+                    raise UserError(f"coreset rule {self.name} returned {pick!r:.60} for class {c}; allowed: a 1-D "
+                                    f"integer tensor of at most m={self.m} indices into its {len(idx)} images")
+                keep.append(idx[pick])
         if keep:
             keep = torch.cat(keep)                        # (≤ m·|todo|,)
             self.tasks[key] = (x[keep.to(x.device)].cpu(), y[keep])
         return key
+
+    @property
+    def select(self):
+        return self.rule if callable(self.rule) else SELECTORS[self.rule]
+
+    @property
+    def name(self):
+        return f"{self.rule.__module__}.{self.rule.__qualname__}" if callable(self.rule) else self.rule
+
+    def put(self, classes, x, y):
+        """Set the images stored under the task of `classes` to x (n, C, H, W), y (n,) (n = 0 removes
+        it), whatever the rule; kept on the CPU, labels as int64. What `nbytes` counts."""
+        if not (torch.is_tensor(x) and torch.is_tensor(y) and x.dim() == 4 and y.shape == (len(x),)):
+            raise UserError(f"Buffer.put: x {getattr(x, 'shape', x)!s:.40}, y {getattr(y, 'shape', y)!s:.40}; allowed: "
+                            f"images (n, C, H, W) and labels (n,)")
+        key = task_key(classes)
+        if len(x):
+            self.tasks[key] = (x.detach().cpu(), y.detach().cpu().long())
+        else:
+            self.tasks.pop(key, None)
 
     def __iter__(self):
         for key, (x, y) in self.tasks.items():
@@ -185,98 +209,13 @@ class Buffer:
 
     def state_dict(self):
         """Plain tensors, ints, strings and lists: safe for torch.load(weights_only=True)."""
-        return {"m_per_class": self.m, "rule": self.rule, "seed": self.seed,
+        return {"m_per_class": self.m, "rule": self.name, "seed": self.seed,
                 "keys": [list(k) for k in self.tasks],
                 "x": [x for x, _ in self.tasks.values()],
                 "y": [y for _, y in self.tasks.values()]}
 
     def load_state_dict(self, state):
-        self.m, self.rule, self.seed = int(state["m_per_class"]), state["rule"], int(state["seed"])
+        if state["rule"] != self.name:
+            raise ValueError(f"a buffer of rule {state['rule']} restored into one of rule {self.name}")
+        self.m, self.seed = int(state["m_per_class"]), int(state["seed"])
         self.tasks = {tuple(k): (x, y) for k, x, y in zip(state["keys"], state["x"], state["y"])}
-
-# ---------------------------------------------------------------------------------------------
-# MixStyle
-
-
-class MixStyle(nn.Module):
-    """Mix per-instance, per-channel feature statistics within a batch (Zhou et al., ICLR 2021).
-
-    For x (B, C, H, W): μ, σ = mean and sqrt(var + eps) over (H, W); a random permutation of the
-    batch gives (μ', σ'); λ ~ Beta(alpha, alpha) per instance;
-        out = (λσ + (1−λ)σ') · (x − μ)/σ + (λμ + (1−λ)μ').
-    Applied with probability p per forward, and only in training mode (identity in eval mode).
-    `generator` (a CPU torch.Generator) makes the coin, the permutation and λ reproducible.
-    """
-
-    def __init__(self, p=0.5, alpha=0.1, eps=1e-6, detach=True, generator=None):
-        super().__init__()
-        self.p, self.alpha, self.eps, self.detach, self.generator = p, alpha, eps, detach, generator
-
-    def forward(self, x):                       # (B, C, H, W) -> (B, C, H, W)
-        drawn = self.draw(x.size(0))
-        return x if drawn is None else self.mix(x, drawn[0].to(x.device), drawn[1])
-
-    def draw(self, n):
-        """The random draws of one forward on a batch of n, in this order: None (no mixing: eval
-        mode, p = 0, or the coin said no) or (permutation (n,), λ (n,)). clones.py draws ahead."""
-        if not self.training or self.p <= 0:
-            return None
-        if torch.rand((), generator=self.generator).item() >= self.p:
-            return None
-        return torch.randperm(n, generator=self.generator), self._beta(n)
-
-    def mix(self, x, perm, lam):
-        """The mixing itself, with a given permutation (B,) and λ (a float or (B,))."""
-        lam = torch.as_tensor(lam, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        mu = x.mean((2, 3), keepdim=True)                                  # (B, C, 1, 1)
-        sig = (x.var((2, 3), keepdim=True, unbiased=False) + self.eps).sqrt()
-        if self.detach:
-            mu, sig = mu.detach(), sig.detach()
-        mu_mix = lam * mu + (1 - lam) * mu[perm]
-        sig_mix = lam * sig + (1 - lam) * sig[perm]
-        return sig_mix * (x - mu) / sig + mu_mix
-
-    def _beta(self, n):
-        """(n,) draws of Beta(alpha, alpha), on the CPU; torch.distributions takes no generator, so
-        with one we seed the CPU's default generator from it inside fork_rng, which restores it
-        (only the CPU's: torch.manual_seed would also re-seed every CUDA generator, unrestored)."""
-        beta = torch.distributions.Beta(float(self.alpha), float(self.alpha))
-        if self.generator is None:
-            return beta.sample((n,))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(torch.randint(2**62, (), generator=self.generator)))
-            return beta.sample((n,))
-
-    def extra_repr(self):
-        return f"p={self.p}, alpha={self.alpha}, eps={self.eps}, detach={self.detach}"
-
-
-@contextmanager
-def mixstyle(model, ms=None):
-    """Insert MixStyle after `model.early_block` for the duration of a `with` block.
-
-        with mixstyle(model, MixStyle(p=0.5, alpha=0.1)):
-            ...train on the replayed buffer...
-
-    `ms` is not made a child of the model, so model.train()/eval() never reach it. The hook
-    therefore mixes only when the hooked block is in training mode (which model.train()/eval()
-    does set) AND ms.training is True (ms.eval() switches it off by hand). For
-    `model.early_layout == "nhwc"` (Swin) the block's (B, H, W, C) output is viewed as NCHW
-    for the mixing and permuted back. The hook is removed on exit, also on an exception.
-    """
-    ms = MixStyle() if ms is None else ms
-    block = model.get_submodule(model.early_block)
-    nhwc = model.early_layout == "nhwc"
-
-    def hook(module, inputs, out):
-        if not module.training:
-            return out
-        if nhwc:                                # (B, H, W, C) -> (B, C, H, W) -> back
-            return ms(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return ms(out)
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield ms
-    finally:
-        handle.remove()

@@ -3,13 +3,13 @@
     for task t = 0 .. T-1:                        (each client k trains on its own task t, METHOD §1.1)
         for round r = 0 .. R-1:
             every participating client k: Δ_k = client_update(θ, its task-t data)   (client.py: TAM)
-            θ ← aggregate(θ, {Δ_k}, {n_k})                                          (server.py: SAM)
+            θ ← aggregate(θ, {Δ_k}, {n_k}), then the server optimiser               (server.py: SAM)
             log current-task accuracy, the conflict between updates, the step's size
         every client that trained task t: end_task (refresh its coreset / baseline state)
         A[t, j] = accuracy of θ on task j of every client, pooled, for j <= t      (metrics.py)
 
 The rules are arguments. `run(cfg, client_update=…, end_task=…, new_state=…, aggregate=…,
-match=…)` runs the loop with any of them replaced, for that run only; the defaults are the
+new_server_state=…, match=…)` runs the loop with any of them replaced, for that run only; the defaults are the
 library's own (client.py, server.py, gradmatch.match), which pick the client and server rule
 named by `cfg` (config.py: `--method` presets, `--client`, `--server`). `match` is the GM operator
 that the library's TAM and SAM call. A variant is a function, e.g. a server rule:
@@ -33,7 +33,7 @@ from dataclasses import asdict, replace  # noqa: E402
 import torch  # noqa: E402
 
 from . import UserError, checkpoint, client, gradmatch, server  # noqa: E402
-from .cli import check_writable, main, parse_config, run_info, write_json  # noqa: E402
+from .cli import check_replaces, check_writable, main, parse_config, run_info, write_json  # noqa: E402
 from .client import float_state, load_state, memory_bytes, param_names  # noqa: E402
 from .config import CHOICES, METHODS, NOTES, PRESETS, Config  # noqa: F401,E402  (public names of the loop)
 from .coreset import task_key  # noqa: E402
@@ -42,7 +42,7 @@ from .metrics import current_task_accuracy, summary, task_accuracy, tensor_bytes
 from .models import build_model  # noqa: E402
 from .scenarios import make_scenario  # noqa: E402
 from .rules import DEFAULTS, bind, qualname, run_name  # noqa: E402
-from .server import participants  # noqa: E402
+from .server import participants, server_step  # noqa: E402
 from .untrusted import check_dataset  # noqa: E402
 
 def mean(values):
@@ -97,25 +97,28 @@ def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, a
 
 
 def results(cfg, scenario, acc, round_acc, log, comm, buffer_bytes, wall_time_s, peak_gpu_memory_bytes=None, *,
-            name=None, rules=None):
+            name=None, rules=None, server_state=None):
     """The results dict (what the CLI writes to JSON). name: the run's name (default `cfg.label`);
-    rules: {keyword: qualified name} of the functions that ran (default: the library's)."""
+    rules: {keyword: qualified name} of the functions that ran (default: the library's);
+    server_state: the ServerState at the end (recorded as server.summary: what it holds, not the tensors)."""
     return {"name": name or cfg.label, "rules": rules or {k: qualname(v) for k, v in DEFAULTS.items()},
             "config": asdict(cfg), "acc_matrix": acc.tolist(), **summary(acc),
             "current_task_accuracy": current_task_accuracy(round_acc), "comm_bytes": comm,
             "buffer_bytes": buffer_bytes, "wall_time_s": wall_time_s, "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
             "rounds": log, "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
-            "versions": run_info()}
+            "server_state": None if server_state is None else server.summary(server_state), "versions": run_info()}
 
 
 def run(cfg, dataset=None, *, client_update=client.client_update, end_task=client.end_task,
-        new_state=client.new_state, aggregate=server.aggregate, match=gradmatch.match):
+        new_state=client.new_state, aggregate=server.aggregate, new_server_state=server.new_server_state,
+        match=gradmatch.match):
     """Run one experiment; returns the results as a dict (what the CLI writes to JSON).
 
     dataset: a `data.Dataset` already in memory (e.g. generated data), instead of `cfg.dataset`.
     The rules, each replaceable for this run (defaults: the library's; signatures: rules.py):
-    client_update, end_task, new_state, aggregate, and match, the GM operator that the library's
-    client_update (TAM) and aggregate (SAM) call; a rule of yours that wants it calls it itself.
+    client_update, end_task, new_state, aggregate, new_server_state (the server's memory: rules.py),
+    and match, the GM operator that the library's client_update (TAM) and aggregate (SAM) call; a
+    rule of yours that wants it calls it itself.
     Every rule is called with the model holding θ and must not change θ in place.
     Checked before anything is built: cfg is a valid Config, the dataset's arrays agree, the rules
     are functions, and the checkpoint folder (if any) is free for this run, which holds it."""
@@ -125,16 +128,20 @@ def run(cfg, dataset=None, *, client_update=client.client_update, end_task=clien
     if dataset is not None:
         check_dataset(dataset)
     cfg = cfg.resolved()                                                  # the rule pair in force, spelled out
-    fns, names, own = bind(client_update, end_task, new_state, aggregate, match)
+    fns, names, own = bind(client_update, end_task, new_state, aggregate, match, new_server_state, cfg=cfg)
     with checkpoint.claim(cfg):                                  # one writer per checkpoint folder, for the whole run
         return loop(cfg, dataset, fns, names, run_name(cfg, own))
 
 
-def diverged(cfg, t, r, what):
+def diverged(cfg, t, r, what, rule=None):
     """One line for training that diverged in task t round r (what: "client 0's local training
     diverged (NaN/inf)"), with what can be told of the cause. θ came checked (finite) and so did
-    the data, so with η_s > 1 after a server step it is η_s; otherwise the line says what was checked."""
+    the data, so with η_s > 1 after a server step it is η_s; a client rule of the user's (rule: its
+    name) is named; otherwise the line says what was checked."""
     where = f"{what} in task {t + 1} round {r + 1}"
+    if rule is not None:
+        return UserError(f"client_update={rule}: {where}, from a finite θ on checked data; allowed: a rule whose "
+                         f"training stays finite (a smaller lr, a weaker loss term)")
     if cfg.server_rule == "gm" and cfg.eta_s > 1 and (t, r) != (0, 0):
         return UserError(f"eta_s={cfg.eta_s}: {where}, from θ after server steps scaled by eta_s > 1; allowed: eta_s <= 1, "
                          f"or a smaller lr")
@@ -145,6 +152,7 @@ def diverged(cfg, t, r, what):
 def loop(cfg, dataset, fns, names, name):
     """The loop of `run`, with its settings, data and rules checked (fns: rules.bind's)."""
     client_update, end_task, new_state, aggregate = (fns[k] for k in ("client_update", "end_task", "new_state", "aggregate"))
+    own_update = names["client_update"] != qualname(DEFAULTS["client_update"])
     say = (lambda *a: None) if cfg.quiet else print
     start = time.perf_counter()
     device = device_of(cfg)
@@ -163,8 +171,11 @@ def loop(cfg, dataset, fns, names, name):
     st = {"t": 0, "r": 0, "theta": float_state(model), "acc": torch.full((T, T), float("nan"), dtype=torch.float64),
           "round_acc": [[] for _ in range(T)], "log": [], "comm": 0, "elapsed": 0.0}
     clients = [new_state(k, cfg) for k in range(K)]
+    sstate = fns["new_server_state"](cfg)                   # the server's memory (server.py), checkpointed with st
     if cfg.resume:
-        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients, fresh=st, data=ds)
+        st, clients = checkpoint.load(cfg.checkpoint_dir, asdict(cfg), gen, names, clients,
+                                      fresh={**st, "server": server.state_dict(sstate)}, data=ds)
+        server.restore(sstate, st.pop("server"), device)
         st["theta"] = {n: v.to(device) for n, v in st["theta"].items()}
         say(f"resumed from {cfg.checkpoint_dir} at task {st['t'] + 1} round {st['r'] + 1}")
     model_bytes = tensor_bytes(st["theta"])
@@ -181,17 +192,22 @@ def loop(cfg, dataset, fns, names, name):
             task = scenario.tasks[k][t]
             x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
             load_state(model, theta)                        # every rule is called with the model holding θ
+            clients[k].server = sstate.broadcast            # what the server sends with θ (a rule's, e.g. SCAFFOLD's c)
             try:
                 delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
             except UserError as e:                          # the library's own divergence line: say more
-                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)") if " diverged" in str(e) else e) from None
+                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)", own_update and names["client_update"])
+                       if " diverged" in str(e) else e) from None
+            if task_key(task.classes) not in clients[k].seen:   # the loop records it, whatever the rule does
+                clients[k].seen.append(task_key(task.classes))
             updates.append(delta)
             weights.append(len(y))
             infos.append(info)
         t1 = time.perf_counter()
         p_updates = [{n: u[n] for n in params} for u in updates]
         G = gradmatch.gram(p_updates)                       # (K, K) over the weights: diagnostics, and SAM's G
-        new = aggregate(theta, updates, weights, cfg, params=params, G=G)     # θ' (checked; rules.py)
+        new = aggregate(theta, updates, weights, cfg, params=params, G=G, state=sstate, infos=infos)  # θ' (checked)
+        new = server_step(theta, new, sstate, cfg, params)      # the server optimiser (sgd, lr 1: θ' itself)
         p_step = {n: new[n] - theta[n] for n in params}         # the step taken, measured
         theta = new
         t2 = time.perf_counter()
@@ -218,12 +234,13 @@ def loop(cfg, dataset, fns, names, name):
             st["t"], st["r"] = t + 1, 0
         if cfg.checkpoint_dir:
             checkpoint.save(cfg.checkpoint_dir, asdict(cfg),
-                            {**st, "elapsed": st["elapsed"] + time.perf_counter() - start}, clients, gen, names)
+                            {**st, "server": server.state_dict(sstate), "elapsed": st["elapsed"] + time.perf_counter() - start},
+                            clients, gen, names)
 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return results(cfg, scenario, st["acc"], st["round_acc"], st["log"], st["comm"],
                    sum(memory_bytes(c) for c in clients), st["elapsed"] + time.perf_counter() - start, peak,
-                   name=name, rules=names)
+                   name=name, rules=names, server_state=sstate)
 
 
 def report(res):
@@ -245,6 +262,8 @@ def cli(argv=None):
     out = cfg.out_path
     png = out.with_name(out.stem + "_acc.png")
     check_writable(out)                                 # every path up front, not after training
+    if not cfg.overwrite:                               # another run's results are never replaced silently
+        check_replaces(out, asdict(cfg.resolved()), {k: qualname(v) for k, v in DEFAULTS.items()}, checkpoint.FREE)
     if cfg.plot:
         check_writable(png, "out (its _acc.png picture)")
     res = run(cfg)

@@ -117,9 +117,11 @@ def combined(verdicts):
 
 
 def tensor_bytes(tensors):
-    """Bytes of a collection of tensors (a dict's values or a list)."""
-    tensors = tensors.values() if isinstance(tensors, dict) else tensors
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the tensors in a collection: a dict's values or a list, nested (other values count 0)."""
+    if torch.is_tensor(tensors):
+        return tensors.numel() * tensors.element_size()
+    items = tensors.values() if isinstance(tensors, dict) else tensors if isinstance(tensors, (list, tuple)) else ()
+    return sum(tensor_bytes(t) for t in items)
 
 
 # ----------------------------------------------------------------------------------------------
