@@ -37,7 +37,6 @@ aggregates in client order (tests/test_flower.py checks it).
 """
 
 import os
-import re
 import time
 from dataclasses import replace
 from logging import ERROR, INFO
@@ -50,47 +49,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from . import UserError, gradmatch, replies, server
-from .cli import atomic_write, check_writable, write_json
+from .cli import atomic_write, write_json
 from .client import float_state, load_state, param_names
 from .fcl_loop import Config, device_of, report, results, round_log
 from .rules import DEFAULTS, bind, run_name
 from .flower_client import (FLOWER_ONLY, FLOWER_SKIPS, client_app, config_from, experiment,  # noqa: F401 (public)
                             make_client_app, on, restore_client, save_client, settings)
-from .limits import check as check_job, operator_limits, private
+from .limits import check as check_job, check_out, operator_limits, private, results_path  # noqa: F401 (public)
 from .metrics import task_accuracy, tensor_bytes
-from .server import participants
+from .server import participants, server_step
 
 # ---------------------------------------------------------------------------------------------
 # ServerApp
-
-FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}\.json")      # a job's `out`: a bare file name
-
-
-def check_out(out):
-    """A job's `out` is empty or a bare *.json file name; a refusal names no server folder."""
-    if out and not FILE.fullmatch(out):
-        raise UserError(f"out={out!r} is not a plain file name; allowed: a name like 'stamp.json' (letters, digits, "
-                        f"_.+=-; no folders): the server keeps results in its operator's results folder")
-
-
-def results_path(folder, out, default, overwrite=False):
-    """Where the server writes a job's results: `out` (a bare *.json name, no folders) or `default`,
-    inside the operator's results `folder`. An existing file is kept unless the operator allows
-    overwriting. Every refusal is one line that names no server folder."""
-    check_out(out)
-    path = Path(folder) / (out or default)
-    model = path.with_name(path.stem + "_model.pt")
-    if not overwrite and (path.exists() or model.exists()):
-        raise UserError(f"out={path.name!r} exists in the server's results folder; allowed: another name (the operator "
-                        f"may allow overwriting: STAMP_OVERWRITE=1)")
-    for p in (path, model):
-        try:
-            check_writable(p)
-        except UserError:
-            raise UserError(f"out={path.name!r} cannot be written in the server's results folder ({p.name} is no regular "
-                            f"file, or the folder takes no file); allowed: another name (or ask the operator)") from None
-    return path
-
 
 def client_nodes(grid, K, timeout):
     """({client k: node id}, the clients' rules {keyword: qualified name}, their own rules {keyword:
@@ -119,17 +89,21 @@ class StampStrategy(Strategy):
     of task t; every round Strategy.start calls, in this order:
 
         configure_train     draw the clients; send θ and {task t, round r, classes, done}
-        aggregate_train     θ ← server.aggregate(θ, updates in client order, sample counts)
+        aggregate_train     θ ← server.aggregate(θ, updates in client order, sample counts[, the
+                            server's state, the clients' infos]), then the server optimiser
         configure_evaluate  Flower's after-aggregation step. Used here for the end of a task:
                             the clients that trained task t get the final θ (`train.end_task`)
         aggregate_evaluate  check their replies
         evaluate (evaluate_fn)  central accuracy of θ, as fcl_loop measures it
     """
 
-    def __init__(self, cfg, nodes, timeout, aggregate, bad_replies="stop"):
-        """aggregate: the server rule as rules.bind returns it (checked; returns θ'); bad_replies:
-        the operator's policy for a reply that fails its checks (limits.py): stop | drop."""
+    def __init__(self, cfg, nodes, timeout, aggregate, bad_replies="stop", new_server_state=server.new_server_state):
+        """aggregate, new_server_state: the server's rules as rules.bind returns them (checked);
+        bad_replies: the operator's policy for a reply that fails its checks (limits.py): stop | drop.
+        The server's state (server.ServerState) lives here for the whole run; its broadcast goes
+        with θ to every client."""
         self.cfg, self.nodes, self.timeout, self.aggregate, self.policy = cfg, nodes, timeout, aggregate, bad_replies
+        self.sstate = new_server_state(cfg)
         self.device = device_of(cfg)
         self.ds, self.scenario, model = experiment(cfg)
         self.model = model.to(self.device)                               # for central evaluation
@@ -147,7 +121,8 @@ class StampStrategy(Strategy):
         return divmod(server_round - 1, self.cfg.rounds_per_task)
 
     def messages(self, arrays, t, r, ids, message_type):
-        self.sent = [(k, Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
+        self.sent = [(k, Message(RecordDict({"arrays": arrays, "broadcast": ArrayRecord(
+                    {n: v.cpu() for n, v in self.sstate.broadcast.items()}), "config": ConfigRecord(
                     {"task": t, "round": r, "classes": list(self.scenario.tasks[k][t].classes), "done": self.done[k]})}),
                         dst_node_id=self.nodes[k], message_type=message_type)) for k in ids]
         return [m for _, m in self.sent]
@@ -193,7 +168,9 @@ class StampStrategy(Strategy):
         t1 = time.perf_counter()
         p_updates = [{n: u[n] for n in self.params} for u in updates]
         G = gradmatch.gram(p_updates)                     # (K, K) over the weights: diagnostics, and SAM's G
-        theta = self.aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G)   # θ' (checked)
+        theta = self.aggregate(self.theta, updates, weights, self.cfg, params=self.params, G=G, state=self.sstate,
+                               infos=infos)                                              # θ' (checked)
+        theta = server_step(self.theta, theta, self.sstate, self.cfg, self.params)   # the server optimiser
         p_step = {n: theta[n] - self.theta[n] for n in self.params}     # the step taken, measured (as fcl_loop)
         self.comm += 2 * tensor_bytes(theta) * len(self.ids)     # θ down, Δ up, per participant (as fcl_loop)
         self.log.append(round_log(t, r, ids, infos, weights, G, p_updates, p_step, t1 - self.t0,
@@ -240,7 +217,7 @@ class StampStrategy(Strategy):
 
 
 def make_server_app(base=Config(), *, results_dir=None, overwrite=None, limits=None, aggregate=server.aggregate,
-                    match=gradmatch.match):
+                    new_server_state=server.new_server_state, match=gradmatch.match):
     """A ServerApp running these rules (defaults: the library's; the library's aggregate gets the
     `match` in use) with the settings `base` changed by the run config.
 
@@ -250,7 +227,7 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, limits=N
     $STAMP_LIMITS, see limits.py) bound what a job may ask and say what a bad client reply does;
     the server's data folder is base.data_root, or $STAMP_DATA_ROOT. No line the ServerApp logs
     names these folders."""
-    fns, own_names, own = bind(aggregate=aggregate, match=match)
+    fns, own_names, own = bind(aggregate=aggregate, match=match, new_server_state=new_server_state, calls=("aggregate",))
     app = ServerApp()
 
     @app.main()
@@ -282,12 +259,13 @@ def make_server_app(base=Config(), *, results_dir=None, overwrite=None, limits=N
         names = {k: names.get(k, own_names[k]) for k in DEFAULTS}                # in the loop's order
         name = run_name(cfg, {**theirs, **own})
         out = results_path(folder, cfg.out, f"{cfg.dataset}_{name}_seed{cfg.seed}_flower.json", allow)   # writable now
-        strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"], lim["bad-replies"])
+        strategy = StampStrategy(cfg, nodes, extra["reply_timeout"], fns["aggregate"], lim["bad-replies"],
+                                 fns["new_server_state"])
         result = strategy.start(grid, ArrayRecord(float_state(model)), timeout=extra["reply_timeout"],
                                 num_rounds=scenario.num_tasks * cfg.rounds_per_task, evaluate_fn=strategy.evaluate)
         res = {"engine": "flower", **results(cfg, scenario, strategy.acc, strategy.round_acc, strategy.log, strategy.comm,
                                               sum(strategy.memory.values()), time.perf_counter() - start,
-                                              name=name, rules=names), "refused": strategy.refused}
+                                              name=name, rules=names, server_state=strategy.sstate), "refused": strategy.refused}
         write_json(out, res)
         atomic_write(out.with_name(out.stem + "_model.pt"), lambda f: torch.save(result.arrays.to_torch_state_dict(), f))
         for line in report(res).splitlines():

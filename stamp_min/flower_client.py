@@ -179,22 +179,24 @@ def restore_client(context, k, cfg, done, new_state=client.new_state):
 # ClientApp
 
 
-def numbers(info, name):
-    """client_update's info as a MetricRecord can carry it: numbers, or lists of numbers."""
+def split_info(info, name):
+    """client_update's info as Flower can carry it: (numbers or lists of numbers, for a MetricRecord;
+    tensors, for the "info" ArrayRecord the server's aggregate gets, rules.py)."""
     ok = lambda v: type(v) in (int, float) or (isinstance(v, list) and all(type(x) in (int, float) for x in v))  # noqa: E731
-    bad = [k for k, v in info.items() if not ok(v)]
+    bad = [k for k, v in info.items() if not (ok(v) or torch.is_tensor(v))]
     if bad:
         raise UserError(f"client_update={name}: info[{bad[0]!r}] is a {type(info[bad[0]]).__name__}; allowed: numbers "
-                        f"(Flower sends a client's info as a MetricRecord)")
-    return info
+                        f"and tensors, one name each (Flower sends them as records)")
+    return ({k: v for k, v in info.items() if not torch.is_tensor(v)},
+            {k: v.detach().cpu().float() for k, v in info.items() if torch.is_tensor(v)})
 
 
 def make_client_app(base=Config(), *, client_update=client.client_update, end_task=client.end_task,
                     new_state=client.new_state, match=gradmatch.match):
     """A ClientApp running these rules (defaults: the library's) with the settings `base` changed
     by the run config."""
-    fns, names, own = bind(client_update, end_task, new_state, None, match)
-    del names["aggregate"]                                                  # the server's rule
+    fns, names, own = bind(client_update, end_task, new_state, None, match, calls=("client_update",))
+    del names["aggregate"], names["new_server_state"]                       # the server's rules
     client_update, end_task, new_state = fns["client_update"], fns["end_task"], fns["new_state"]   # checked rules
     app = ClientApp()
 
@@ -227,6 +229,7 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         state = restore_client(context, k, cfg, int(config["done"]), new_state)
         device = device_of(cfg)
         theta = on(msg.content["arrays"], device)
+        state.server = on(msg.content["broadcast"], device) if "broadcast" in msg.content else {}   # the server's
         load_state(model := model.to(device), theta)                # every rule is called with the model holding θ
         data = (ds.x_train[task.train_idx], ds.y_train[task.train_idx], task.classes)
         return cfg, k, model, theta, state, data
@@ -264,8 +267,12 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
     def train(msg, context):
         cfg, k, model, theta, state, (x, y, classes) = receive(msg, context)
         delta, info = client_update(model, theta, state, x, y, classes, cfg)
+        metrics, tensors = split_info(info, names["client_update"])
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
-        return reply(msg, {**numbers(info, names["client_update"]), "client": k, "num_examples": len(y)}, delta)
+        answer = reply(msg, {**metrics, "client": k, "num_examples": len(y)}, delta)
+        if tensors:
+            answer.content["info"] = ArrayRecord(tensors)
+        return answer
 
     @app.train("end_task")
     @guarded

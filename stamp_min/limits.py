@@ -32,8 +32,10 @@ folder (as given, absolute, resolved) with a name such as "<the server's data fo
 import math
 import os
 import re
+from pathlib import Path
 
 from . import UserError
+from .cli import check_writable
 
 DEFAULTS = {"max-reply-timeout": 3600.0, "max-clients-x-tasks": 1000, "max-rounds": 1000, "max-local-epochs": 20,
             "max-image-size": 64, "max-gm-c": 10.0, "max-batch-size": 1024, "max-buffer-per-class": 100,
@@ -113,3 +115,35 @@ def private(text, places):
         given = re.escape(str(path).rstrip("/") or "/")
         text = re.sub(rf"(?<=['\"=]){given}(?=['\"/\s,;)]|$)|(?<![\w.~/-]){given}(?=/)", name, text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# where a job's results go: a bare file name in the operator's results folder
+
+FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}\.json")      # a job's `out`: a bare file name
+
+
+def check_out(out):
+    """A job's `out` is empty or a bare *.json file name; a refusal names no server folder."""
+    if out and not FILE.fullmatch(out):
+        raise UserError(f"out={out!r} is not a plain file name; allowed: a name like 'stamp.json' (letters, digits, "
+                        f"_.+=-; no folders): the server keeps results in its operator's results folder")
+
+
+def results_path(folder, out, default, overwrite=False):
+    """Where the server writes a job's results: `out` (a bare *.json name, no folders) or `default`,
+    inside the operator's results `folder`. An existing file is kept unless the operator allows
+    overwriting. Every refusal is one line that names no server folder."""
+    check_out(out)
+    path = Path(folder) / (out or default)
+    model = path.with_name(path.stem + "_model.pt")
+    if not overwrite and (path.exists() or model.exists()):
+        raise UserError(f"out={path.name!r} exists in the server's results folder; allowed: another name (the operator "
+                        f"may allow overwriting: STAMP_OVERWRITE=1)")
+    for p in (path, model):
+        try:
+            check_writable(p)
+        except UserError:
+            raise UserError(f"out={path.name!r} cannot be written in the server's results folder ({p.name} is no regular "
+                            f"file, or the folder takes no file); allowed: another name (or ask the operator)") from None
+    return path

@@ -11,8 +11,9 @@ scenario is built from the seed on every machine), and θ. So:
               "num_examples" equals that client's task size, which is also the weight the server
               uses; the update has exactly θ's names, shapes and dtypes and finite values
               (untrusted.tensors_like) and a norm below MAX_NORM; "loss" is a finite number and
-              every other metric a number;
-              nothing else in the reply
+              every other metric a number; an optional "info" record (what a client rule sends
+              the server besides Δ, rules.py) holds finite float32 tensors, at most MAX_INFO of θ's
+              size in all; nothing else in the reply
     train.end_task  the same client; "memory_bytes" a non-negative int
 
 A client's error reply or a missing reply stops the run (`by_client`). A reply that fails a check
@@ -23,11 +24,14 @@ operator's `bad-replies` setting says (limits.py).
 
 import math
 
+import torch
+
 from . import UserError
 from .untrusted import Bad, number, tensors_like
 
 
 MAX_NORM = 1e18          # no honest update is this large; beyond it the server's float32 arithmetic nears overflow
+MAX_INFO = 4             # a reply's info tensors hold at most 4 θ's worth of numbers (SCAFFOLD sends one)
 
 
 class Refused(UserError):
@@ -57,12 +61,13 @@ def by_client(replies, sent, timeout, where=""):
     return sorted(out, key=lambda p: p[0]), strays
 
 
-def metrics(m, k, keys, where):
-    """The reply's metrics as a dict, after the checks every reply gets: only the records `keys`,
-    and the client it names (if any) is k."""
+def metrics(m, k, keys, where, optional=()):
+    """The reply's metrics as a dict, after the checks every reply gets: only the records `keys`
+    (and `optional` ones), and the client it names (if any) is k."""
     content = m.content
-    if set(content.keys()) != set(keys):
-        raise Refused(f"client {k}'s reply {where} holds the records {sorted(content.keys())}; allowed: {sorted(keys)}")
+    if not set(keys) <= set(content.keys()) <= set(keys) | set(optional):
+        raise Refused(f"client {k}'s reply {where} holds the records {sorted(content.keys())}; allowed: {sorted(keys)}"
+                      + (f" and {sorted(optional)}" if optional else ""))
     info = dict(content["metrics"])
     if "client" in info and info["client"] != k:
         raise Refused(f"client {k}'s reply {where} says it is client {info['client']!r:.20}; allowed: the client the "
@@ -74,7 +79,7 @@ def train(m, k, t, r, theta, size):
     """(Δ on θ's device, info) of client k's train reply in task t round r, checked. theta: the θ
     sent ({name: tensor}); size: client k's number of task-t training images."""
     where = f"in task {t + 1} round {r + 1}"
-    info = metrics(m, k, ("arrays", "metrics"), where)
+    info = metrics(m, k, ("arrays", "metrics"), where, optional=("info",))
     try:
         if info.get("num_examples") != size or type(info.get("num_examples")) is not int:
             raise Bad(f"num_examples={info.get('num_examples')!r:.30} but the client has {size} images in task {t + 1}")
@@ -93,9 +98,32 @@ def train(m, k, t, r, theta, size):
         norm = sum(float(v.double().square().sum()) for v in delta.values()) ** 0.5
         if not norm < MAX_NORM:                                   # θ + Δ and GM's Gram blocks are float32
             raise Bad(f"the update's norm is {norm:.3g}; allowed: below {MAX_NORM:g}")
+        extra = info_tensors(m.content.get("info"), theta, set(info))
     except Bad as e:
         raise Refused(f"client {k}'s reply {where} is refused: {e}") from None
-    return delta, info
+    return delta, {**info, **extra}
+
+
+def info_tensors(record, theta, taken):
+    """The tensors of a reply's "info" record ({name: float32 tensor on the CPU}), checked: finite,
+    at most MAX_INFO·numel(θ) numbers in all, names that are not metrics' names too."""
+    if record is None:
+        return {}
+    size = sum(v.numel() for v in theta.values())
+    if len(record.keys()) > MAX_INFO * len(theta) + 16 or any(len(n) > 200 or n in taken for n in record.keys()):
+        raise Bad(f"its info record has {len(record.keys())} entries or a name used twice or too long; allowed: at most "
+                  f"{MAX_INFO * len(theta) + 16} names of up to 200 characters, none a metric's")
+    try:
+        out = record.to_torch_state_dict()
+    except Exception as e:
+        raise Bad(f"its info cannot be read as tensors ({type(e).__name__})") from None
+    if sum(v.numel() for v in out.values()) > MAX_INFO * size:
+        raise Bad(f"its info holds {sum(v.numel() for v in out.values())} numbers; allowed: at most {MAX_INFO * size}")
+    for n, v in out.items():
+        if v.dtype != torch.float32 or not bool(torch.isfinite(v).all()):
+            raise Bad(f"info[{n!r}] is {str(v.dtype)[6:]}{'' if v.dtype != torch.float32 else ' and not finite'}; "
+                      f"allowed: finite float32")
+    return out
 
 
 def end_task(m, k, t):

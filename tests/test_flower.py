@@ -110,6 +110,17 @@ def test_injected_client_and_server_rules_on_flower_equal_the_loop(tmp_path):
     assert ref["rules"]["aggregate"].endswith("projected_mean") and ref["rules"]["client_update"].endswith("damped_update")
 
 
+def test_scaffold_with_server_momentum_on_flower_equals_the_loop(tmp_path):
+    """Rules with memory on Flower's simulation engine: SCAFFOLD's clients send Δc_k through their info,
+    its server keeps c in the ServerState and broadcasts it, and FedAvgM's moment lives on the server."""
+    import test_memory
+    cloudpickle.register_pickle_by_value(test_memory)
+    ref = assert_flower_equals_the_loop(small(method="fedavg", server_opt="momentum", server_momentum=0.5), tmp_path,
+                                        server_rules={"aggregate": test_memory.scaffold_aggregate},
+                                        client_rules={"client_update": test_memory.scaffold_update})
+    assert ref["server_state"]["opt"] == ["m"] and len(ref["server_state"]["broadcast"]) > 0
+
+
 def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
     # the ClientApps were started with another seed: their scenario disagrees with the server's
     with pytest.raises(UserError, match=r"a client failed .*the server sends classes .* but this client's scenario has"):

@@ -144,6 +144,18 @@ def same_runs(s, t):
             assert a["acc_matrix"] == b["acc_matrix"] and [r["loss"] for r in a["rounds"]] == [r["loss"] for r in b["rounds"]]
 
 
+CALLS, STOP = [], [None]
+
+
+def counted(cfg):
+    """A data function that counts its calls and raises KeyboardInterrupt at call STOP[0] (module level:
+    the same function, so the same cache key, in both studies)."""
+    CALLS.append(cfg.seed)
+    if len(CALLS) == STOP[0]:
+        raise KeyboardInterrupt
+    return toy_dataset()
+
+
 def test_parallel_equals_serial_and_a_cache_hit_recomputes_nothing(tmp_path):
     kw = dict(seeds=[0, 1], base=BASE, tune={"lr": [0.05, 0.1]}, tune_seeds=[7], quiet=True)
     serial = study(ARMS, workers=1, cache=tmp_path / "a", **kw)

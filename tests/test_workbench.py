@@ -43,11 +43,13 @@ def test_passing_the_librarys_own_rules_changes_nothing():
     cfg = Config(**TINY, method="stamp", seed=1)
     a = run(cfg)
     b = run(cfg, client_update=client.client_update, end_task=client.end_task, new_state=client.new_state,
-            aggregate=server.aggregate, match=gradmatch.match)
+            aggregate=server.aggregate, new_server_state=server.new_server_state, match=gradmatch.match)
     assert same(a, b) and a["name"] == b["name"] == "stamp"
     assert a["rules"] == b["rules"] == {"client_update": "stamp_min.client.client_update",
                                         "end_task": "stamp_min.client.end_task", "new_state": "stamp_min.client.new_state",
-                                        "aggregate": "stamp_min.server.aggregate", "match": "stamp_min.gradmatch.match"}
+                                        "aggregate": "stamp_min.server.aggregate",
+                                        "new_server_state": "stamp_min.server.new_server_state",
+                                        "match": "stamp_min.gradmatch.match"}
 
 
 def test_match_reaches_tam_and_sam_and_a_changed_match_changes_the_run():
