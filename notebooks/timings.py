@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LOG = HERE / "timings.txt"
 OUTLINE, README = HERE / "README.md", HERE.parent / "README.md"
-INTRO = re.compile(r"about ([0-9.]+ (?:s|min)) on a 2-core CPU \(measured ([0-9-]+): notebooks/timings\.txt\)")
+INTRO = re.compile(r"about\s+([0-9.]+ (?:s|min))\s+on a 2-core CPU\s+\(measured ([0-9-]+): notebooks/timings\.txt\)")   # line breaks allowed
 HEADER = """# Full runs of the course notebooks, one after another, each executed in place in a fresh kernel
 # (python notebooks/timings.py). wall: seconds, kernel start included; load: the machine's 1-minute load
 # average before -> after the notebook (the notebook itself adds about 1; above ~1.3 on these 2 cores,

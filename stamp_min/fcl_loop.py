@@ -244,10 +244,11 @@ def loop(cfg, dataset, fns, names, name):
 
 
 def report(res):
-    """The accuracy matrix and the summary metrics as text."""
+    """The accuracy matrix and the summary metrics as text (also of results read back from JSON, where
+    the matrix's empty upper triangle, NaN, is null)."""
     A = res["acc_matrix"]
     lines = ["accuracy matrix A[t, j] (row: after task t, column: task j):"]
-    lines += ["  " + " ".join("  .  " if a != a else f"{a:.3f}" for a in row) for row in A]
+    lines += ["  " + " ".join("  .  " if a is None or a != a else f"{a:.3f}" for a in row) for row in A]
     lines.append(f"average accuracy {res['avg_accuracy']:.4f} | forgetting {res['avg_forgetting']:.4f} | "
                  f"BWT {res['bwt']:.4f} | comm {res['comm_bytes'] / 1e6:.1f} MB | buffers {res['buffer_bytes'] / 1e3:.1f} kB "
                  f"| wall {res['wall_time_s']:.1f}s")

@@ -50,12 +50,12 @@ LOWER_IS_BETTER = {"avg_forgetting", "wall_time_s", "comm_bytes", "buffer_bytes"
 FIELDS = {f.name for f in fields(Config)}
 KEEP = ("name", "rules", "acc_matrix", "avg_accuracy", "avg_forgetting", "bwt", "current_task_accuracy", "comm_bytes",
         "buffer_bytes", "wall_time_s", "scenario", "error")
-ROUND = ("task", "round", "loss", "step_norm", "mean_norm", "update_norms", "spatial_cos", "temporal_cos")
+ROUND = ("task", "round", "loss", "step_norm", "mean_norm", "update_norms", "spatial_cos", "spatial_agreement",
+         "temporal_cos", "temporal_agreement")
 
 
 def slim(res):
-    """What a study keeps of a run: the summary, the scenario and the per-round sizes (the whole
-    results dict stays in the cache)."""
+    """What a study keeps of a run: summary, scenario, per-round sizes and cosines (all: in the cache)."""
     out = {k: res[k] for k in KEEP if k in res}
     if "rounds" in res:
         out["rounds"] = [{k: e.get(k) for k in ROUND} for e in res["rounds"]]

@@ -17,9 +17,9 @@ import torch
 from conftest import toy_dataset
 from stamp_min import UserError, pool
 from stamp_min.data import resplit
-from stamp_min.fcl_loop import Config
+from stamp_min.fcl_loop import Config, report
 from stamp_min.metrics import combined, paired_interval, verdict
-from stamp_min.study import Study, compare, parse_arm, study
+from stamp_min.study import ROUND, Study, compare, parse_arm, study
 from stamp_min.tuning import tune_arms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +187,16 @@ def test_an_interrupted_study_resumes_computing_only_what_is_missing(tmp_path):
     assert CALLS == [2]                                      # seeds 0 and 1 came from the cache
     whole = study({"fedavg": dict(method="fedavg", data=toy)}, **{**kw, "cache": None})
     same_runs(resumed, whole)
+
+
+def test_a_studys_run_keeps_the_round_cosines_and_prints_with_report():
+    """What the notebooks read of a study's run: every round's conflict measures (04 plots TAM's agreement),
+    and fcl_loop.report prints it although its matrix comes back as JSON gives it (the empty upper triangle null)."""
+    s = study({"tam": dict(method="stamp_tam", data=toy)}, seeds=[0], base=BASE, tune=False, quiet=True, cache=None)
+    r = s.result("tam", 0)
+    assert r["acc_matrix"][0][1] is None and all(set(ROUND) <= set(e) for e in r["rounds"])
+    assert r["rounds"][-1]["task"] == 1 and -1 <= r["rounds"][-1]["temporal_agreement"] <= 1   # task 1: two task updates
+    assert report(r).splitlines()[1].split() == [f"{r['acc_matrix'][0][0]:.3f}", "."]
 
 
 def test_a_rule_that_cannot_be_pickled_runs_here_serially_with_a_note(tmp_path, capsys):

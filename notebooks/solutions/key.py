@@ -221,12 +221,11 @@ KEY = {
                                                                   "    delta, info = client.client_update(model, theta, state, x, y, classes, cfg)\n"
                                                                   "    return {n: 0.5 * v for n, v in delta.items()}"}}),
         ex("my_d = ...",
-           {"my_d = ...": "my_d = [a['avg_accuracy'] - b['avg_accuracy'] for a, b in zip(runs['stamp, GM per layer'], runs['stamp'])]"},
-           right={"a NumPy array": {"my_d = ...": "my_d = np.array([a['avg_accuracy'] for a in runs['stamp, GM per layer']]) "
-                                                  "- np.array([b['avg_accuracy'] for b in runs['stamp']])"}},
-           wrong={"the other way round": {"my_d = ...": "my_d = [b['avg_accuracy'] - a['avg_accuracy'] for a, b in zip(runs['stamp, GM per layer'], runs['stamp'])]"},
-                  "the accuracies, not the differences": {"my_d = ...": "my_d = [a['avg_accuracy'] for a in runs['stamp, GM per layer']]"}}),
-        guess("pair = (", "my_guess = ...           # True: still higher in every seed; False: not", (True, False), True),
+           {"my_d = ...": "my_d = [a - b for a, b in zip(st.values('stamp, GM per layer'), st.values('stamp'))]"},
+           right={"a NumPy array": {"my_d = ...": "my_d = np.array(st.values('stamp, GM per layer')) - np.array(st.values('stamp'))"}},
+           wrong={"the other way round": {"my_d = ...": "my_d = [b - a for a, b in zip(st.values('stamp, GM per layer'), st.values('stamp'))]"},
+                  "the accuracies, not the differences": {"my_d = ...": "my_d = st.values('stamp, GM per layer')"}}),
+        guess("pair = (", "my_guess = ...           # True: higher in every seed; False: not", (True, False), False),
     ],
     "10": [
         ex("my_verdict = ...",
