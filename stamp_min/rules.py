@@ -47,7 +47,8 @@ def qualname(fn, depth=0):
     """"module.qualified_name" of a function; a lambda adds its line ("…<lambda>:12"); a partial
     shows what it fixes ("stamp_min.server.aggregate(match=mymodule.per_layer)"); a closure the
     numbers, strings and functions it holds ("mymodule.momentum.<locals>.rule[beta=0.9]"), so two
-    runs of one rule with other values have other names. Other values show their type only."""
+    runs of one rule with other values have other names. A closure's other values (a list, a tensor)
+    are left out of its name; a partial shows their type."""
     show = lambda v: (qualname(v, depth + 1) if depth < 3 else "…") if callable(v) else (   # noqa: E731
         repr(v)[:40] if isinstance(v, SHOWN) else f"<{type(v).__name__}>")
     if isinstance(fn, functools.partial):
@@ -60,9 +61,11 @@ def qualname(fn, depth=0):
     held = []
     for n, c in cells:
         try:
-            held.append(f"{n}={show(c.cell_contents)}")
+            v = c.cell_contents
         except ValueError:                                                   # a cell not yet filled
-            pass
+            continue
+        if callable(v) or isinstance(v, SHOWN):
+            held.append(f"{n}={show(v)}")
     return f"{name}[{', '.join(held)}]" if held else name
 
 
