@@ -100,10 +100,22 @@ SLOW = ("test_flower.py::test_flower_simulation_equals_the_loop", "test_flower.p
         "test_faults.py::test_sigterm_during_a_run", "test_faults.py::test_a_full_disk_is_one_line",
         "test_faults.py::test_a_file_size_limit_is_one_line", "test_fcl_loop.py::test_cli_end_to_end",
         "test_flora_na.py::test_cli_smoke", "test_clones.py::test_resnet18_in_float64_batched_equals_the_loop",
-        "test_claims.py::test_quick_run_writes_every_claim", "test_gpu_check.py::test_gpu_check_dry_run")
+        "test_claims.py::test_quick_run_writes_every_claim", "test_gpu_check.py::test_gpu_check_dry_run",
+        "test_hostile.py::test_hostile_client_on_the_simulation_engine",
+        "test_hostile.py::test_each_hostile_reply_on_the_simulation_engine")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if any(name in item.nodeid for name in SLOW):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """Flower's simulation engine starts a Ray of its own for the test: RAY_ADDRESS=local, so Ray
+    neither joins a cluster another program runs on this machine nor fails on the address file
+    (/tmp/ray/ray_current_cluster) that a stopped `ray start --head` leaves behind."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ADDRESS", "local")
+        yield

@@ -28,6 +28,7 @@ from stamp_min.flower_app import (FLOWER_ONLY, FLOWER_SKIPS, config_from, make_c
 from stamp_min.flower_client import node_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("own_ray")          # the simulations start a Ray of their own (conftest.py)
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}}
 

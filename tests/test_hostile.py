@@ -4,10 +4,12 @@ read names an operator's folder.
 
 Most cases run the real ServerApp and ClientApps in this process on `LocalGrid`, a Grid that hands
 each message straight to a ClientApp (no Ray, no SuperLink: a case takes about a second); a
-hostile client is the honest ClientApp whose reply is altered on its way back. One case runs all
-attacks on Flower's simulation engine, in one run, with the operator's bad-replies=drop, and
-checks that the model equals the loop's with the hostile client's updates left out.
-Reference of "nothing written": the results folder's listing, empty before and after.
+hostile client is the honest ClientApp whose reply is altered on its way back. On Flower's
+simulation engine (Ray), one simulation runs jobs one after another (its Ray starts once): a job
+that meets every attack with the operator's bad-replies=drop, whose model must equal the loop's
+with the hostile client's updates left out, then one job per attack with bad-replies=stop, each
+stopped in one line (the last one's error raised out of run_simulation).
+Reference of "nothing written": the results folder's listing (names and bytes) before and after.
 """
 
 import copy
@@ -24,6 +26,7 @@ pytest.importorskip("flwr", reason="Flower is optional: pip install -r requireme
 import cloudpickle  # noqa: E402  (comes with Ray)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
@@ -264,29 +267,98 @@ def test_private_replaces_every_spelling_of_a_folder_but_not_words(tmp_path, mon
 
 
 # ---------------------------------------------------------------------------------------------
-# every attack on Flower's simulation engine, in one run: dropped, and the model is the loop's without them
+# Flower's simulation engine: one simulation (its Ray starts once) runs several jobs one after
+# another on its grid: job 0 meets every attack with the operator's bad-replies=drop, then job j
+# meets attack j - 1 alone with bad-replies=stop
 
 SIM_ATTACKS = [a for a in ATTACKS if a[0] in ("negative-num-examples", "huge-num-examples", "spoofed-id", "wrong-shape",
                                               "extra-key", "float64", "nan", "missing-key")]
+SIM = replace(BASE, rounds_per_task=len(SIM_ATTACKS))
+PREVIOUS = b'{"previous": "results"}'
 
 
 def hostile_app(cfg):
-    """A ClientApp that is the honest one for client 0 and, for client 1, the honest one with the
-    reply of round r altered by SIM_ATTACKS[r]; at the task's end client 1 claims -1 bytes."""
+    """The simulation's ClientApp: the honest one for client 0; for client 1 the honest one with
+    its replies altered: in job 0 the train reply of round r by SIM_ATTACKS[r] and the end of the
+    task's by memory_bytes=-1, in job j >= 1 the train reply by SIM_ATTACKS[j - 1]. A job starts
+    with the server asking every node which client it is: the node then counts the job and forgets
+    the client state of the job before (a stopped job's state is of no use to the next)."""
     honest, app = make_client_app(cfg), ClientApp()
+
+    def who(msg, context):
+        job = int(context.state["hostile"]["job"]) + 1 if "hostile" in context.state else 0
+        for key in list(context.state.keys()):
+            del context.state[key]
+        context.state["hostile"] = ConfigRecord({"job": job})
+        return honest(msg, context)
 
     def answer(msg, context):
         reply = honest(msg, context)
         if context.node_config["partition-id"] != 1 or reply.has_error():
             return reply
+        job = int(context.state["hostile"]["job"])
         if msg.metadata.message_type == "train.end_task":
-            reply.content["metrics"]["memory_bytes"] = -1
+            if job == 0:
+                reply.content["metrics"]["memory_bytes"] = -1
             return reply
-        return SIM_ATTACKS[int(msg.content["config"]["round"])][1](reply, msg)[0]
-    app.query()(honest)
+        attack = SIM_ATTACKS[int(msg.content["config"]["round"]) if job == 0 else job - 1]
+        return attack[1](reply, msg)[0]
+    app.query()(who)
     app.train()(answer)
     app.train("end_task")(answer)
     return app
+
+
+def listing(folder):
+    return sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+
+
+def jobs_app(folder, seen):
+    """A ServerApp that runs the stamp_min ServerApp as 1 + len(SIM_ATTACKS) jobs on the engine's
+    grid, each with a Context of its own: job 0 with bad-replies=drop (out drop.json), then the
+    others with bad-replies=stop (out r.json). For each but the last it records in `seen` (its error
+    line or None, the error's type, the results folder's listing after it); the last job's error
+    leaves run_simulation as any job's would, and so does any error that is no refusal."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        for job in range(1 + len(SIM_ATTACKS)):
+            policy, out = ("drop", "drop.json") if job == 0 else ("stop", "r.json")
+            server_app = make_server_app(SIM, results_dir=folder, limits={"bad-replies": policy})
+            try:
+                server_app(grid, Context(run_id=context.run_id, node_id=context.node_id, node_config={},
+                                         state=RecordDict(), run_config={"out": out, "reply-timeout": 90.0}))
+            except Exception as e:
+                if job == len(SIM_ATTACKS) or not str(e).startswith("client 1's reply"):
+                    raise                   # the last job's, or no refusal (the engine failed?): out of run_simulation
+                seen.append((str(e), type(e), listing(folder)))
+                continue
+            seen.append((None, None, listing(folder)))          # a broken engine fails in 90 s, not 600
+    return app
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, own_ray):
+    """The jobs on Flower's simulation engine: {folder: the server's results folder, before: its
+    listing before (one file from an earlier run), seen: per job (error line or None, type, listing
+    after), lines: the stamp_min lines of Flower's log, in order}."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])      # Ray's workers get this module by value
+    folder = tmp_path_factory.mktemp("results")
+    (folder / "r_before.json").write_bytes(PREVIOUS)
+    before, seen, lines = listing(folder), [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        with pytest.raises(UserError) as last:
+            run_simulation(jobs_app(folder, seen), hostile_app(SIM), num_supernodes=2,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                           "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}})
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    seen.append((str(last.value), type(last.value), listing(folder)))
+    return {"folder": folder, "before": before, "seen": seen, "lines": [x for x in lines if x.startswith("stamp_min:")]}
 
 
 def first_only(theta, updates, weights, cfg, params=None, G=None):
@@ -294,26 +366,44 @@ def first_only(theta, updates, weights, cfg, params=None, G=None):
     return server.aggregate(theta, updates[:1], weights[:1], cfg, params=params, G=G)
 
 
-def test_hostile_client_on_the_simulation_engine_is_dropped_and_the_model_is_the_honest_ones(tmp_path):
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])      # Ray's workers get this module by value
-    cfg = replace(BASE, rounds_per_task=len(SIM_ATTACKS), out="sim.json")
-    run_simulation(make_server_app(cfg, results_dir=tmp_path, limits={"bad-replies": "drop"}), hostile_app(cfg),
-                   num_supernodes=2, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                                     "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}})
-    res = json.loads((tmp_path / "sim.json").read_text())
+def test_hostile_client_on_the_simulation_engine_is_dropped_and_the_model_is_the_honest_ones(engine, tmp_path):
+    """Job 0 (bad-replies=drop): every refusal one log line, recorded in the results; the model is
+    the loop's with client 1's updates left out."""
+    assert engine["seen"][0][:2] == (None, None)                                     # the job finished
+    res = json.loads((engine["folder"] / "drop.json").read_text())
     refused = [(x["client"], x["task"], x["round"]) for x in res["refused"]]
     assert refused == [(1, 0, r) for r in range(len(SIM_ATTACKS))] + [(1, 0, None)]
     for x, (_, _, text) in zip(res["refused"], SIM_ATTACKS):
-        assert text in x["why"] or (text == "missing [" and "missing" in x["why"]), x["why"]
+        assert text in x["why"], x["why"]
+    assert res["refused"][-1]["why"].startswith("client 1's reply at the end of task 1 is refused: memory_bytes=-1")
+    assert engine["lines"][:len(refused)] == [f"stamp_min: {x['why']}; the run goes on without it (the operator's "
+                                              f"bad-replies=drop)" for x in res["refused"]]          # one line each
     assert [r["clients"] for r in res["rounds"]] == [[0]] * len(SIM_ATTACKS) and res["buffer_bytes"] == 0
-    theta = torch.load(tmp_path / "sim_model.pt", weights_only=True)
+    theta = torch.load(engine["folder"] / "drop_model.pt", weights_only=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                          # Flower's clients run with one thread each (Ray actors)
     try:
-        run(replace(cfg, checkpoint_dir=str(tmp_path / "ref"), out=""), aggregate=first_only)
+        run(replace(SIM, checkpoint_dir=str(tmp_path / "ref")), aggregate=first_only)
     finally:
         torch.set_num_threads(threads)
     ref = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["progress"]["theta"]
     assert sorted(theta) == sorted(ref) and all(theta[n].dtype == torch.float32 for n in theta)
     for n in ref:
         assert torch.allclose(theta[n], ref[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_each_hostile_reply_on_the_simulation_engine_stops_its_job_in_one_line(engine):
+    """Jobs 1.. (bad-replies=stop), one attack each: the job stops with one line (a UserError, the
+    last one raised out of run_simulation), logged once, and the results folder is as it was."""
+    drop_lines = 1 + len(SIM_ATTACKS)
+    after_job_0 = engine["seen"][0][2]
+    assert sorted(name for name, _ in after_job_0) == ["drop.json", "drop_model.pt", "r_before.json"]
+    assert dict(after_job_0)["r_before.json"] == PREVIOUS
+    stops, lines = engine["seen"][1:], engine["lines"][drop_lines:]
+    assert len(stops) == len(SIM_ATTACKS) and len(lines) == len(SIM_ATTACKS), (stops, lines)
+    for (name, _, text), (line, kind, after), logged in zip(SIM_ATTACKS, stops, lines):
+        assert kind is UserError and "\n" not in line, (name, line)
+        assert line.startswith("client 1's reply in task 1 round 1 ") and text in line, (name, line)
+        assert line.endswith("; the run stops (the operator's bad-replies=stop)"), (name, line)
+        assert logged == f"stamp_min: {line}", (name, logged)                  # the one line in the log
+        assert after == after_job_0, name                                     # nothing written, nothing damaged

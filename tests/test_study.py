@@ -289,3 +289,8 @@ def test_ray_cluster_gives_the_local_engines_results_bit_for_bit():
         for p in nodes[::-1]:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(timeout=60)
+        # `ray start --head` wrote its address to /tmp/ray/ray_current_cluster (`ray stop` would remove it): left
+        # there, every later ray.init() on this machine would try to join the stopped cluster
+        current = Path(ray._common.utils.get_ray_address_file(None))
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
