@@ -215,7 +215,11 @@ class Buffer:
                 "y": [y for _, y in self.tasks.values()]}
 
     def load_state_dict(self, state):
-        if state["rule"] != self.name:
-            raise ValueError(f"a buffer of rule {state['rule']} restored into one of rule {self.name}")
+        """A library rule is taken from `state`; a selector function cannot be, so it must be this one's."""
+        if callable(self.rule) or state["rule"] not in SELECTORS:
+            if state["rule"] != self.name:
+                raise ValueError(f"a buffer of rule {state['rule']} restored into one of rule {self.name}")
+        else:
+            self.rule = state["rule"]
         self.m, self.seed = int(state["m_per_class"]), int(state["seed"])
         self.tasks = {tuple(k): (x, y) for k, x, y in zip(state["keys"], state["x"], state["y"])}
