@@ -38,7 +38,8 @@ def main():
             wall = time.perf_counter() - t
         runs = {(arm, x): s.runs[arm][x]["acc_matrix"] for arm in s.arms for x in s.seeds}
         ref, t_ref = (runs, wall) if ref is None else (ref, t_ref)
-        same = "bit-identical" if runs == ref else f"{sum(runs[k] != ref[k] for k in ref)} runs differ"
+        differ = sum(repr(runs[k]) != repr(ref[k]) for k in ref)          # repr: NaN (unmeasured cells) equals NaN
+        same = "bit-identical" if not differ else f"{differ} runs differ"
         print(f"workers {w}: {wall:.1f} s, speed-up {t_ref / wall:.2f}x over workers {a.workers[0]}, {same}", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
