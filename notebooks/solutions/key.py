@@ -226,6 +226,17 @@ KEY = {
            wrong={"the other way round": {"my_d = ...": "my_d = [b - a for a, b in zip(st.values('stamp, GM per layer'), st.values('stamp'))]"},
                   "the accuracies, not the differences": {"my_d = ...": "my_d = st.values('stamp, GM per layer')"}}),
         guess("pair = (", "my_guess = ...           # True: higher in every seed; False: not", (True, False), False),
+        ex("my_thetas = ...",
+           {"my_thetas = ...": "m, th, my_thetas = 0.0, 0.0, []\nfor s in S:\n    m = BETA * m + s\n    th = th + ETA * m\n"
+                               "    my_thetas.append(th)"},
+           right={"a tensor": {"my_thetas = ...": "m, th, my_thetas = 0.0, 0.0, []\nfor s in S:\n    m = BETA * m + s\n"
+                                                  "    th = th + ETA * m\n    my_thetas.append(th)\nmy_thetas = torch.tensor(my_thetas)"}},
+           wrong={"FedAdam's average (1 − β) s in m": {"my_thetas = ...": "m, th, my_thetas = 0.0, 0.0, []\nfor s in S:\n"
+                                                     "    m = BETA * m + (1 - BETA) * s\n    th = th + ETA * m\n    my_thetas.append(th)"},
+                  "the step itself, no momentum": {"my_thetas = ...": "th, my_thetas = 0.0, []\nfor s in S:\n    th = th + ETA * s\n"
+                                                   "    my_thetas.append(th)"},
+                  "the momentum m, not the weight": {"my_thetas = ...": "m, my_thetas = 0.0, []\nfor s in S:\n    m = BETA * m + s\n"
+                                                     "    my_thetas.append(m)"}}),
     ],
     "10": [
         ex("my_verdict = ...",
