@@ -180,9 +180,9 @@ def check_writable(path, field="out"):
 
 
 def check_replaces(path, config, rules, free=()):
-    """A file already at `path` is replaced only if it holds the results of the same run: the same
-    settings (but the `free` ones, which change how, not what, is computed) and the same rules.
-    Otherwise one line (the caller skips this with --overwrite true)."""
+    """A results file already at `path` is replaced only if it holds the results of the same run: the
+    same settings (but the `free` ones, which change how, not what, is computed) and the same rules.
+    Otherwise one line (the caller skips this with --overwrite true). Any other file is replaced."""
     path = Path(path)
     if not path.is_file():
         return
@@ -190,10 +190,11 @@ def check_replaces(path, config, rules, free=()):
         old = json.loads(path.read_bytes()) if path.stat().st_size < 2**28 else None
     except (OSError, ValueError):
         old = None
-    mine = {k: v for k, v in config.items() if k not in free}
     theirs = old.get("config") if isinstance(old, dict) else None
-    differ = ["not a results file"] if not isinstance(theirs, dict) else \
-        [k for k in mine if theirs.get(k) != mine[k]] + (["rules"] if old.get("rules") != rules else [])
+    if not isinstance(theirs, dict):                   # not a results file: replaced, as any regular file
+        return
+    mine = {k: v for k, v in config.items() if k not in free}
+    differ = [k for k in mine if theirs.get(k) != mine[k]] + (["rules"] if old.get("rules") != rules else [])
     if differ:
         raise UserError(f"out={str(path)!r} holds another run's results ({', '.join(differ[:4])} differ); allowed: "
                         f"another --out or --name, or --overwrite true to replace it")

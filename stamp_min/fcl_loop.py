@@ -196,7 +196,7 @@ def loop(cfg, dataset, fns, names, name):
             try:
                 delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
             except UserError as e:                          # the library's own divergence line: say more
-                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)", own_update and names["client_update"])
+                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)", names["client_update"] if own_update else None)
                        if " diverged" in str(e) else e) from None
             if task_key(task.classes) not in clients[k].seen:   # the loop records it, whatever the rule does
                 clients[k].seen.append(task_key(task.classes))
