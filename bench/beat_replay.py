@@ -4,6 +4,7 @@
     python bench/beat_replay.py --workers 2     # the full run -> bench/results/beat_replay.{json,md}, beat_replay_forest.png
     python bench/beat_replay.py --quick         # a smoke run (2 seeds, tiny budget, no tuning) -> runs/beat-replay-quick/
     python bench/beat_replay.py --report-only   # comparisons, decisions and the .md again from OUT_DIR/beat_replay.json
+    python bench/beat_replay.py --time          # one timed run of every arm: the full run's time on this machine
 
 PRE-REGISTERED: everything below was fixed in this file, and committed, before any confirmation run.
 ------------------------------------------------------------------------------------------------
@@ -48,6 +49,7 @@ settings) shows how many wins survive multiplicity; it does not decide.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -60,13 +62,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims  # noqa: E402  (its SETTINGS, BUDGET, QUICK, SHARES, DELTA: the claims bench's, literally)
-from stamp_min import baselines, client, gradmatch, plots  # noqa: E402
+from stamp_min import baselines, client, fcl_loop, gradmatch, plots  # noqa: E402
 from stamp_min.cli import OneLineParser, run_info, write_json  # noqa: E402
 from stamp_min.coreset import Buffer, task_key  # noqa: E402
 from stamp_min.fcl_loop import Config, build  # noqa: E402
 from stamp_min.metrics import paired_interval  # noqa: E402
 from stamp_min.rules import qualname  # noqa: E402
-from stamp_min.study import Study, compare, study  # noqa: E402
+from stamp_min.study import Study, arm_config, compare, study  # noqa: E402
 from stamp_min.tuning import LR_GRID, TUNE_SEEDS, describe, ratio  # noqa: E402
 
 SETTINGS = {s: claims.SETTINGS[s] for s in ("cpt 2", "cpt 1", "Dirichlet α 0.1")}
@@ -211,18 +213,46 @@ def arms(quick=False, settings=None):
     return out
 
 
+def arm_runs(a, quick=False):
+    """(runs, runs if every log-spaced grid were extended twice) of one arm in one setting, tuning included."""
+    if quick:
+        return len(QUICK_SEEDS), len(QUICK_SEEDS)
+    least = math.prod(len(v) for v in a["tune"].values()) * len(TUNE_SEEDS)
+    most = math.prod(len(v) + 2 * bool(ratio(sorted(v))) for v in a["tune"].values()) * len(TUNE_SEEDS)
+    return least + len(SEEDS), most + len(SEEDS)
+
+
 def run_count(quick=False):
     """(runs without grid extensions, runs if every log-spaced grid were extended twice), tuning included."""
-    seeds = len(QUICK_SEEDS if quick else SEEDS)
-    if quick:
-        n = (len(REFERENCES) + len(CANDIDATES)) * len(SETTINGS) * seeds
-        return n, n
-    least = most = 0
-    for a in {**REFERENCES, **CANDIDATES}.values():
-        least += math.prod(len(v) for v in a["tune"].values()) * len(TUNE_SEEDS)
-        most += math.prod(len(v) + 2 * bool(ratio(sorted(v))) for v in a["tune"].values()) * len(TUNE_SEEDS)
-    n = (len(REFERENCES) + len(CANDIDATES)) * len(SETTINGS)
-    return least * len(SETTINGS) + n * seeds, most * len(SETTINGS) + n * seeds
+    counts = [arm_runs(a, quick) for a in {**REFERENCES, **CANDIDATES}.values()]
+    return sum(c[0] for c in counts) * len(SETTINGS), sum(c[1] for c in counts) * len(SETTINGS)
+
+
+def time_runs(quick=False, setting="cpt 2", seed=99, workers=2):
+    """Seconds of one run of every arm in `setting` (full budget; quick: the tiny one), one after another with
+    one thread, on seed 99 (neither a confirmation nor a tuning seed), every field at the middle of its grid;
+    no metric is printed or kept. Returns ({arm: seconds}, (core-hours, core-hours with every grid extended)):
+    the full run's estimate, each arm's seconds × its runs, the same in every setting."""
+    base = replace(Config(), **{**BUDGET, **(QUICK if quick else {})}, quiet=True, plot=False, test_split="per_seed")
+    middle, threads, seconds = arms(quick=True, settings=[setting]), torch.get_num_threads(), {}
+    torch.set_num_threads(1)
+    try:
+        fcl_loop.run(replace(base, num_tasks=1, rounds_per_task=1, local_epochs=1, seed=seed))   # imports, warm-up
+        for arm in {**REFERENCES, **CANDIDATES}:
+            cfg, rules, _, _ = arm_config(label(arm, setting), middle[label(arm, setting)], base)
+            start = time.perf_counter()
+            fcl_loop.run(replace(cfg, seed=seed), **rules)
+            seconds[arm] = time.perf_counter() - start
+            print(f"{label(arm, setting):16s} {seconds[arm]:6.1f} s", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    arms_ = {**REFERENCES, **CANDIDATES}
+    hours = [sum(seconds[k] * arm_runs(a, quick)[i] for k, a in arms_.items()) * len(SETTINGS) / 3600 for i in (0, 1)]
+    runs = run_count(quick)
+    print(f"estimate: {runs[0]} runs, {hours[0]:.1f} core-hours ({runs[1]} runs, {hours[1]:.1f} core-hours if every grid "
+          f"is extended twice): {hours[0] / workers:.1f}–{hours[1] / workers:.1f} h with {workers} workers, at this "
+          f"machine's load (1-min average now {os.getloadavg()[0]:.2f})")
+    return seconds, hours
 
 
 # ----------------------------------------------------------------------------- the decision
@@ -367,7 +397,7 @@ def main(argv=None):
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog=f"The full run: {least} runs ({most} if every log-spaced grid is extended twice), "
                              f"{len(CANDIDATES) + len(REFERENCES)} arms × {len(SETTINGS)} settings, tuning included; "
-                             f"--quick: {run_count(True)[0]} tiny runs.")
+                             f"--quick: {run_count(True)[0]} tiny runs. --time estimates its time on this machine.")
     p.add_argument("--quick", action="store_true", help="2 seeds, tiny budget, no tuning: a smoke test")
     p.add_argument("--workers", type=int, default=2, help="runs at a time on this machine (one thread each)")
     p.add_argument("--engine", default="local", help="local | ray")
@@ -375,6 +405,8 @@ def main(argv=None):
     p.add_argument("--cache", default="runs/beat-replay-cache", help="finished runs (an interrupted run continues)")
     p.add_argument("--out-dir", default=None, help="default bench/results; --quick: runs/beat-replay-quick")
     p.add_argument("--report-only", action="store_true", help="no runs: the report again from OUT_DIR/beat_replay.json")
+    p.add_argument("--time", action="store_true", help="no study: one run of every arm at cpt 2 (seed 99, the middle of "
+                   "its grids), timed, and the full run's estimated time from them (with --quick: the tiny budget)")
     a = p.parse_args(argv)
     if not 1 <= a.workers <= 1024:
         p.error(f"--workers {a.workers} is out of range: 1 to 1024 runs at a time")
@@ -388,6 +420,8 @@ def main(argv=None):
             p.error(f"--report-only: {path} does not exist: give the --out-dir of a finished run")
         raw = json.loads(path.read_text())
         return write_report(out, raw, replace(Config(), **{**BUDGET, **(QUICK if raw["quick"] else {})}))
+    if a.time:
+        return time_runs(a.quick, workers=a.workers)
     n = run_count(a.quick)
     print(f"beat_replay: {len(CANDIDATES)} candidates + {len(REFERENCES)} references × {len(SETTINGS)} settings, "
           f"{n[0]}{f'–{n[1]}' if n[1] != n[0] else ''} runs on {a.workers} worker(s); cache {a.cache}", flush=True)

@@ -163,3 +163,13 @@ def test_quick_never_writes_over_the_committed_results_and_bad_flags_are_one_lin
         p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert p.returncode == 2 and says in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
     assert {f.name: f.read_bytes() for f in committed.glob("beat_replay*")} == before
+
+
+def test_time_estimate_runs_every_arm_once(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "beat_replay.py"), "--time", "--quick"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    timed = [line.split(" · ")[0] for line in p.stdout.splitlines() if " · cpt 2 " in line]
+    assert timed == [*bench.REFERENCES, *bench.CANDIDATES]
+    assert f"estimate: {bench.run_count(quick=True)[0]} runs" in p.stdout
+    assert not any(tmp_path.iterdir())                                   # a timing writes nothing
