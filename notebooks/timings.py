@@ -1,6 +1,6 @@
 """Run the course notebooks in full, one after another, and write what was measured wherever it is stated.
 
-    python notebooks/timings.py            # all ten (about a quarter of an hour on an idle 2-core CPU)
+    python notebooks/timings.py            # all of them (about a quarter of an hour on an idle 2-core CPU)
     python notebooks/timings.py 04 06      # some of them: the others keep their last measurement
 
 Each notebook is executed in place (its committed outputs become this run's, so they match its source), in
@@ -125,7 +125,7 @@ def execute(path, kernel_name):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Run the notebooks in full, one after another (in place), and write "
                                              "their measured times to notebooks/timings.txt and the texts that state them.")
-    ap.add_argument("notebooks", nargs="*", help="which ones (01 … 10; default: all)")
+    ap.add_argument("notebooks", nargs="*", help="which ones (01 … 11; default: all)")
     args = ap.parse_args(argv)
     paths = {p.name[:2]: p for p in sorted(HERE.glob("[0-9][0-9]_*.ipynb"))}
     unknown = [k for k in args.notebooks if k not in paths]

@@ -62,7 +62,7 @@ def test_the_key_writes_the_solved_notebooks(tmp_path, capsys):
                 assert predicted(e["placeholder"], e["answer"]) in source, (k, e["cell"])
         assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
     capsys.readouterr()
-    assert key.main(["--out", str(tmp_path), "11"]) == 2 and "notebook '11'" in capsys.readouterr().err
+    assert key.main(["--out", str(tmp_path), "12"]) == 2 and "notebook '12'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

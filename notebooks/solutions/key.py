@@ -46,6 +46,8 @@ def predicted(placeholder, value):
     return f"{name}{value!r}{comment}"
 
 
+DECIDE = 'my_decide = ...          # def my_decide(parts, seeds): ...  ->  "beats replay", "mixed", "worse" or "not shown"'
+
 KEY = {
     "01": [
         ex("ip_mine = ...",
@@ -253,6 +255,27 @@ KEY = {
         guess("which = (", 'my_guess = ...           # "supported", "contradicted" or "inconclusive"',
               ("supported", "contradicted", "inconclusive"), None, before="RERUN = True"),
     ],
+    "11": [
+        ex("my_decide = ...",
+           {DECIDE: "def my_decide(parts, seeds):\n    won = any(p['low'] > 0 and p['n'] == seeds for p in parts)\n"
+                    "    lost = any(p['high'] < 0 for p in parts)\n"
+                    "    return 'mixed' if won and lost else 'beats replay' if won else 'worse' if lost else 'not shown'"},
+           right={"with a loop": {DECIDE: "def my_decide(parts, seeds):\n    won = lost = False\n    for p in parts:\n"
+                                          "        won = won or (p['low'] > 0 and p['n'] == seeds)\n"
+                                          "        lost = lost or p['high'] < 0\n    if won and lost:\n        return 'mixed'\n"
+                                          "    return 'beats replay' if won else 'worse' if lost else 'not shown'"}},
+           wrong={"a win with a failed seed": {DECIDE: "def my_decide(parts, seeds):\n    won = any(p['low'] > 0 for p in parts)\n"
+                                                       "    lost = any(p['high'] < 0 for p in parts)\n    return 'mixed' if won and "
+                                                       "lost else 'beats replay' if won else 'worse' if lost else 'not shown'"},
+                  "one win is enough, losses ignored": {DECIDE: "def my_decide(parts, seeds):\n    won = any(p['low'] > 0 and "
+                                                                "p['n'] == seeds for p in parts)\n    lost = any(p['high'] < 0 for "
+                                                                "p in parts)\n    return 'beats replay' if won else 'worse' if lost "
+                                                                "else 'not shown'"},
+                  "the verdict's 'contradicted' (inside ±δ) as a loss": {
+                      DECIDE: "def my_decide(parts, seeds):\n    won = any(p['low'] > 0 and p['n'] == seeds for p in parts)\n"
+                              "    lost = any(p['high'] < 0 or (-0.01 < p['low'] and p['high'] < 0.01) for p in parts)\n"
+                              "    return 'mixed' if won and lost else 'beats replay' if won else 'worse' if lost else 'not shown'"}}),
+    ],
 }
 
 
@@ -272,7 +295,7 @@ def edited(source, edits):
 
 
 def solved(key):
-    """Notebook `key` ('01' … '10') with the reference answer in every exercise cell (nbformat, no outputs)."""
+    """Notebook `key` ('01' … '11') with the reference answer in every exercise cell (nbformat, no outputs)."""
     import nbformat
     path = next(NOTEBOOKS.glob(f"{key}_*.ipynb"))
     nb = nbformat.read(path, as_version=4)
@@ -296,7 +319,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE), help="folder for the solved notebooks (default: notebooks/solutions)")
     ap.add_argument("--execute", action="store_true", help="run each solved notebook in full and list every check "
                                                            "that does not say right")
-    ap.add_argument("notebooks", nargs="*", help="which (01 … 10; default: all)")
+    ap.add_argument("notebooks", nargs="*", help="which (01 … 11; default: all)")
     args = ap.parse_args(argv)
     import nbformat
     out = Path(args.out)
