@@ -102,7 +102,8 @@ SLOW = ("test_flower.py::test_flower_simulation_equals_the_loop", "test_flower.p
         "test_flora_na.py::test_cli_smoke", "test_clones.py::test_resnet18_in_float64_batched_equals_the_loop",
         "test_claims.py::test_quick_run_writes_every_claim", "test_gpu_check.py::test_gpu_check_dry_run",
         "test_hostile.py::test_hostile_client_on_the_simulation_engine",
-        "test_hostile.py::test_each_hostile_reply_on_the_simulation_engine")
+        "test_hostile.py::test_each_hostile_reply_on_the_simulation_engine",
+        "test_beat_replay.py::test_quick_run_end_to_end", "test_beat_replay.py::test_time_estimate_runs_every_arm_once")
 
 
 def pytest_collection_modifyitems(items):
