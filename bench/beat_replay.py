@@ -398,22 +398,13 @@ def main(argv=None):
                       epilog=f"The full run: {least} runs ({most} if every log-spaced grid is extended twice), "
                              f"{len(CANDIDATES) + len(REFERENCES)} arms × {len(SETTINGS)} settings, tuning included; "
                              f"--quick: {run_count(True)[0]} tiny runs. --time estimates its time on this machine.")
-    p.add_argument("--quick", action="store_true", help="2 seeds, tiny budget, no tuning: a smoke test")
-    p.add_argument("--workers", type=int, default=2, help="runs at a time on this machine (one thread each)")
-    p.add_argument("--engine", default="local", help="local | ray")
-    p.add_argument("--address", default=None, help="Ray cluster address (engine ray)")
-    p.add_argument("--cache", default="runs/beat-replay-cache", help="finished runs (an interrupted run continues)")
-    p.add_argument("--out-dir", default=None, help="default bench/results; --quick: runs/beat-replay-quick")
-    p.add_argument("--report-only", action="store_true", help="no runs: the report again from OUT_DIR/beat_replay.json")
+    claims.run_options(p, "beat-replay", "comparisons, decisions and beat_replay.md")
     p.add_argument("--time", action="store_true", help="no study: one run of every arm at cpt 2 (seed 99, the middle of "
                    "its grids), timed, and the full run's estimated time from them (with --quick: the tiny budget)")
     a = p.parse_args(argv)
     if not 1 <= a.workers <= 1024:
         p.error(f"--workers {a.workers} is out of range: 1 to 1024 runs at a time")
-    committed = Path(__file__).resolve().parent / "results"
-    out = Path(a.out_dir) if a.out_dir else Path("runs/beat-replay-quick") if a.quick else committed
-    if a.quick and out.resolve() == committed:
-        p.error("--quick never writes over the committed results (bench/results): give another --out-dir")
+    out = claims.out_dir(p, a, "beat-replay")
     if a.report_only:
         path = out / "beat_replay.json"
         if not path.is_file():

@@ -448,21 +448,33 @@ def rewrite(out, raw):
     print(f"wrote {path}, {out / 'claims.md'} and the forest plots (runs took {raw['wall_time_s'] / 60:.1f} min)")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_options(p, name, report):
+    """The options of every bench over the study API (this one, beat_replay.py): how it runs, its cache
+    (runs/NAME-cache), where its report goes (`report`: what --report-only rewrites)."""
     p.add_argument("--quick", action="store_true", help="2 seeds, tiny budget, no tuning: a smoke test")
-    p.add_argument("--seeds", type=int, default=None, help="confirmation seeds 0..S-1 (default 10; --quick: 2)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time on this machine (one thread each)")
     p.add_argument("--engine", default="local", help="local | ray")
     p.add_argument("--address", default=None, help="Ray cluster address (engine ray)")
-    p.add_argument("--cache", default="runs/claims-cache", help="finished runs (an interrupted run continues from here)")
-    p.add_argument("--out-dir", default=None, help="where claims.json/.md go (default bench/results; --quick: runs/claims-quick)")
-    p.add_argument("--report-only", action="store_true", help="no runs: verdicts and claims.md again from OUT_DIR/claims.json")
-    a = p.parse_args()
+    p.add_argument("--cache", default=f"runs/{name}-cache", help="finished runs (an interrupted run continues from here)")
+    p.add_argument("--out-dir", default=None, help=f"where the report goes (default bench/results; --quick: runs/{name}-quick)")
+    p.add_argument("--report-only", action="store_true", help=f"no runs: {report} again from OUT_DIR's json")
+
+
+def out_dir(p, a, name):
+    """OUT_DIR of run_options: bench/results, or runs/NAME-quick for --quick, which never writes there."""
     committed = Path(__file__).resolve().parent / "results"
-    out = Path(a.out_dir) if a.out_dir else Path("runs/claims-quick") if a.quick else committed
+    out = Path(a.out_dir) if a.out_dir else Path(f"runs/{name}-quick") if a.quick else committed
     if a.quick and out.resolve() == committed:
-        p.error("--quick never writes over the committed results; allowed: another --out-dir")
+        p.error("--quick never writes over the committed results (bench/results); allowed: another --out-dir")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_options(p, "claims", "verdicts and claims.md")
+    p.add_argument("--seeds", type=int, default=None, help="confirmation seeds 0..S-1 (default 10; --quick: 2)")
+    a = p.parse_args()
+    out = out_dir(p, a, "claims")
     if a.report_only:
         return rewrite(out, json.loads((out / "claims.json").read_text())["raw"])
     seeds = list(range(a.seeds or (2 if a.quick else 10)))
