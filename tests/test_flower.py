@@ -1,10 +1,12 @@
 """STAMP on Flower (stamp_min/flower_app.py) against the in-process loop it must equal.
 
 Needs the optional Flower install (pip install -r requirements-flower.txt); skipped without it.
-Each simulation starts Flower's simulation engine (Ray): about 15-30 s on 2 cores.
+A simulation starts Flower's simulation engine (Ray): about 30 s on 2 cores; one simulation per number
+of clients runs every job below (JOBS).
 """
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -17,6 +19,8 @@ import torch
 pytest.importorskip("flwr", reason="Flower is optional: pip install -r requirements-flower.txt")
 import cloudpickle  # noqa: E402  (comes with Ray)
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from stamp_min import UserError, client, server  # noqa: E402
@@ -26,6 +30,8 @@ from stamp_min.fcl_loop import Config, run  # noqa: E402
 from stamp_min.flower_app import (FLOWER_ONLY, FLOWER_SKIPS, config_from, make_client_app, make_server_app,  # noqa: E402
                                   restore_client, results_path, save_client, settings)
 from stamp_min.flower_client import node_settings  # noqa: E402
+
+import test_memory  # noqa: E402  (SCAFFOLD's rules, on Flower below)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("own_ray")          # the simulations start a Ray of their own (conftest.py)
@@ -37,52 +43,6 @@ def small(**kw):
     base = dict(dataset="digits", num_clients=2, num_tasks=2, classes_per_task=2, rounds_per_task=2, local_epochs=1,
                 batch_size=32, buffer_per_class=5, device="cpu", plot=False, quiet=True)
     return Config(**{**base, **kw})
-
-
-def simulate(cfg, out, client_cfg=None, server_rules=None, client_rules=None):
-    """Run the apps on Flower's simulation engine; the results go to `out` (the server's results
-    folder is out's folder, the job names the file)."""
-    cfg = replace(cfg, out=out.name)
-    run_simulation(make_server_app(cfg, results_dir=out.parent, **(server_rules or {})),
-                   make_client_app(client_cfg or cfg, **(client_rules or {})), num_supernodes=cfg.num_clients,
-                   backend_config=BACKEND)
-
-
-def assert_flower_equals_the_loop(cfg, tmp_path, server_rules=None, client_rules=None):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # Flower's clients run with one thread each (Ray actors, num_cpus=1)
-    try:
-        ref = run(replace(cfg, checkpoint_dir=str(tmp_path / "ckpt")), **(server_rules or {}), **(client_rules or {}))
-    finally:
-        torch.set_num_threads(threads)
-    theta_ref = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["progress"]["theta"]
-
-    simulate(cfg, tmp_path / "flower.json", server_rules=server_rules, client_rules=client_rules)
-    res = json.loads((tmp_path / "flower.json").read_text())
-    theta = torch.load(tmp_path / "flower_model.pt", weights_only=True)
-
-    assert res["engine"] == "flower" and res["scenario"] == ref["scenario"]
-    assert res["name"] == ref["name"] and res["rules"] == ref["rules"]
-    assert sorted(theta) == sorted(theta_ref)
-    for name in theta_ref:
-        assert torch.allclose(theta[name], theta_ref[name], rtol=1e-5, atol=1e-6), name
-    acc = [[float("nan") if a is None else a for a in row] for row in res["acc_matrix"]]    # JSON null = NaN
-    assert torch.allclose(torch.tensor(acc), torch.tensor(ref["acc_matrix"]), atol=1e-9, equal_nan=True)
-    assert [r["clients"] for r in res["rounds"]] == [r["clients"] for r in ref["rounds"]]
-    for a, b in zip(res["rounds"], ref["rounds"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["current_task_acc"] == pytest.approx(b["current_task_acc"])
-        assert a["step_norm"] == pytest.approx(b["step_norm"], rel=1e-4)
-    for key in ("comm_bytes", "buffer_bytes", "current_task_accuracy"):
-        assert res[key] == pytest.approx(ref[key]), key
-    return ref
-
-
-@pytest.mark.parametrize("method,clients,participation", [
-    ("fedavg", 2, 1.0), ("stamp", 2, 1.0),
-    ("lwf", 3, 0.67),         # a baseline with state, 2 of 3 clients a round: some skip a task's end_task
-    ("stamp", 3, 0.34)])      # 1 of 3 clients a round: SAM passes a single update through
-def test_flower_simulation_equals_the_loop(method, clients, participation, tmp_path):
-    assert_flower_equals_the_loop(small(method=method, num_clients=clients, participation=participation), tmp_path)
 
 
 def damped_update(model, theta, state, x, y, classes, cfg):
@@ -103,30 +63,127 @@ def projected_mean(theta, updates, weights, cfg, params=None, G=None):
     return {n: theta[n] + step[n] for n in theta}, step
 
 
-def test_injected_client_and_server_rules_on_flower_equal_the_loop(tmp_path):
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])      # Ray's workers get this test's functions by value
-    ref = assert_flower_equals_the_loop(small(method="stamp"), tmp_path, server_rules={"aggregate": projected_mean},
-                                        client_rules={"client_update": damped_update})
+# The jobs on Flower's simulation engine. Starting a simulation (its Ray, one actor per client, each importing
+# torch) costs about 30 s on 2 cores, a job of these a few seconds: so one simulation per number of clients
+# runs its jobs one after another, as a deployment runs one `flwr run` after another. A job: the server's
+# Config, and optionally the server's and the clients' rules and the clients' own Config.
+JOBS = {
+    "fedavg-2-1.0": dict(cfg=small(method="fedavg")),
+    "stamp-2-1.0": dict(cfg=small(method="stamp")),
+    "wrong-data": dict(cfg=small(method="stamp"), client_cfg=small(method="stamp", seed=1)),   # it stops; the next go on
+    "rules": dict(cfg=small(method="stamp"), server_rules={"aggregate": projected_mean},          # a user's rules
+                  client_rules={"client_update": damped_update}),
+    "scaffold-momentum": dict(cfg=small(method="fedavg", server_opt="momentum", server_momentum=0.5),  # with memory
+                              server_rules={"aggregate": test_memory.scaffold_aggregate},
+                              client_rules={"client_update": test_memory.scaffold_update}),
+    "lwf-3-0.67": dict(cfg=small(method="lwf", num_clients=3, participation=0.67)),  # state, clients skip end_task
+    "stamp-3-0.34": dict(cfg=small(method="stamp", num_clients=3, participation=0.34)),  # SAM with a single update
+}
+
+
+def jobs_apps(jobs, folder, seen):
+    """A ServerApp and a ClientApp that run `jobs` one after another in one simulation. The server runs
+    each job's stamp_min ServerApp with a Context of its own (results: folder/NAME.json) and records in
+    `seen` its error or None. A job starts with the server asking every node which client it is: the
+    node then moves on to the next job's ClientApp and forgets the job before's client state."""
+    server_app, client_app = ServerApp(), ClientApp()
+    clients = [make_client_app(job.get("client_cfg", job["cfg"]), **job.get("client_rules", {})) for job in jobs.values()]
+
+    @server_app.main()
+    def main(grid, context):
+        for name, job in jobs.items():
+            app = make_server_app(job["cfg"], results_dir=folder, **job.get("server_rules", {}))
+            try:
+                app(grid, Context(run_id=context.run_id, node_id=context.node_id, node_config={}, state=RecordDict(),
+                                  run_config={"out": f"{name}.json"}))
+                seen[name] = None
+            except Exception as e:                      # noqa: BLE001 - recorded, the test of that job reads it
+                seen[name] = e
+
+    def who(msg, context):
+        job = int(context.state["jobs"]["job"]) + 1 if "jobs" in context.state else 0
+        for key in list(context.state.keys()):
+            del context.state[key]
+        context.state["jobs"] = ConfigRecord({"job": job})
+        return clients[job](msg, context)
+
+    def relay(msg, context):
+        return clients[int(context.state["jobs"]["job"])](msg, context)
+    client_app.query()(who)
+    client_app.train()(relay)
+    client_app.train("end_task")(relay)
+    return server_app, client_app
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, own_ray):
+    """Every job of JOBS on the simulation engine: (the server's results folder, {job: its error or None})."""
+    for module in (sys.modules[__name__], test_memory):
+        cloudpickle.register_pickle_by_value(module)         # Ray's workers get these functions by value
+    folder, seen = tmp_path_factory.mktemp("flower"), {}
+    for clients in sorted({job["cfg"].num_clients for job in JOBS.values()}):
+        jobs = {name: job for name, job in JOBS.items() if job["cfg"].num_clients == clients}
+        run_simulation(*jobs_apps(jobs, folder, seen), num_supernodes=clients, backend_config=BACKEND)
+    return folder, seen
+
+
+def assert_flower_equals_the_loop(name, simulated, tmp_path):
+    folder, seen = simulated
+    job = JOBS[name]
+    cfg, server_rules, client_rules = job["cfg"], job.get("server_rules", {}), job.get("client_rules", {})
+    assert seen[name] is None, f"the job failed on Flower: {seen[name]!r}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # Flower's clients run with one thread each (Ray actors, num_cpus=1)
+    try:
+        ref = run(replace(cfg, checkpoint_dir=str(tmp_path / "ckpt")), **server_rules, **client_rules)
+    finally:
+        torch.set_num_threads(threads)
+    theta_ref = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["progress"]["theta"]
+
+    res = json.loads((folder / f"{name}.json").read_text())
+    theta = torch.load(folder / f"{name}_model.pt", weights_only=True)
+
+    assert res["engine"] == "flower" and res["scenario"] == ref["scenario"]
+    assert res["name"] == ref["name"] and res["rules"] == ref["rules"]
+    assert sorted(theta) == sorted(theta_ref)
+    for n in theta_ref:
+        assert torch.allclose(theta[n], theta_ref[n], rtol=1e-5, atol=1e-6), n
+    acc = [[float("nan") if a is None else a for a in row] for row in res["acc_matrix"]]    # JSON null = NaN
+    assert torch.allclose(torch.tensor(acc), torch.tensor(ref["acc_matrix"]), atol=1e-9, equal_nan=True)
+    assert [r["clients"] for r in res["rounds"]] == [r["clients"] for r in ref["rounds"]]
+    for a, b in zip(res["rounds"], ref["rounds"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["current_task_acc"] == pytest.approx(b["current_task_acc"])
+        assert a["step_norm"] == pytest.approx(b["step_norm"], rel=1e-4)
+    for key in ("comm_bytes", "buffer_bytes", "current_task_accuracy"):
+        assert res[key] == pytest.approx(ref[key]), key
+    return ref
+
+
+@pytest.mark.parametrize("name", ["fedavg-2-1.0", "stamp-2-1.0", "lwf-3-0.67", "stamp-3-0.34"])
+def test_flower_simulation_equals_the_loop(name, simulated, tmp_path):
+    assert_flower_equals_the_loop(name, simulated, tmp_path)
+
+
+def test_injected_client_and_server_rules_on_flower_equal_the_loop(simulated, tmp_path):
+    ref = assert_flower_equals_the_loop("rules", simulated, tmp_path)
     assert ref["name"] == "stamp-damped_update-projected_mean"
     assert ref["rules"]["aggregate"].endswith("projected_mean") and ref["rules"]["client_update"].endswith("damped_update")
 
 
-def test_scaffold_with_server_momentum_on_flower_equals_the_loop(tmp_path):
+def test_scaffold_with_server_momentum_on_flower_equals_the_loop(simulated, tmp_path):
     """Rules with memory on Flower's simulation engine: SCAFFOLD's clients send Δc_k through their info,
     its server keeps c in the ServerState and broadcasts it, and FedAvgM's moment lives on the server."""
-    import test_memory
-    cloudpickle.register_pickle_by_value(test_memory)
-    ref = assert_flower_equals_the_loop(small(method="fedavg", server_opt="momentum", server_momentum=0.5), tmp_path,
-                                        server_rules={"aggregate": test_memory.scaffold_aggregate},
-                                        client_rules={"client_update": test_memory.scaffold_update})
+    ref = assert_flower_equals_the_loop("scaffold-momentum", simulated, tmp_path)
     assert ref["server_state"]["opt"] == ["m"] and len(ref["server_state"]["broadcast"]) > 0
 
 
-def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(tmp_path):
+def test_a_client_with_the_wrong_data_stops_the_run_with_its_reason(simulated):
     # the ClientApps were started with another seed: their scenario disagrees with the server's
-    with pytest.raises(UserError, match=r"a client failed .*the server sends classes .* but this client's scenario has"):
-        simulate(small(method="stamp"), tmp_path / "bad.json", client_cfg=small(method="stamp", seed=1))
-    assert not (tmp_path / "bad.json").exists()
+    folder, seen = simulated
+    assert isinstance(seen["wrong-data"], UserError), repr(seen["wrong-data"])
+    assert re.search(r"a client failed .*the server sends classes .* but this client's scenario has", str(seen["wrong-data"]))
+    assert not (folder / "wrong-data.json").exists()
+    assert (folder / "rules.json").exists()          # the next job on the same federation ran: it stays up
 
 
 def test_bad_settings_are_one_line_errors_and_types_are_checked():
