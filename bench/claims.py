@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stamp_min import client, gradmatch, plots, pool  # noqa: E402
-from stamp_min.cli import run_info, write_json  # noqa: E402
+from stamp_min.cli import OneLineParser, run_info, write_json  # noqa: E402
 from stamp_min.coreset import Buffer  # noqa: E402
 from stamp_min.data import load_dataset, resplit  # noqa: E402
 from stamp_min.fcl_loop import Config, build  # noqa: E402
@@ -461,7 +461,10 @@ def run_options(p, name, report):
 
 
 def out_dir(p, a, name):
-    """OUT_DIR of run_options: bench/results, or runs/NAME-quick for --quick, which never writes there."""
+    """OUT_DIR of run_options: bench/results, or runs/NAME-quick for --quick, which never writes there.
+    The options are checked first (--workers: 1 to 1024)."""
+    if not 1 <= a.workers <= 1024:
+        p.error(f"--workers {a.workers} is out of range: 1 to 1024 runs at a time")
     committed = Path(__file__).resolve().parent / "results"
     out = Path(a.out_dir) if a.out_dir else Path(f"runs/{name}-quick") if a.quick else committed
     if a.quick and out.resolve() == committed:
@@ -470,10 +473,12 @@ def out_dir(p, a, name):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python bench/claims.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_options(p, "claims", "verdicts and claims.md")
     p.add_argument("--seeds", type=int, default=None, help="confirmation seeds 0..S-1 (default 10; --quick: 2)")
     a = p.parse_args()
+    if a.seeds is not None and not 2 <= a.seeds <= 1000:
+        p.error(f"--seeds {a.seeds} is out of range: 2 to 1000 (a paired interval needs 2 seeds at least)")
     out = out_dir(p, a, "claims")
     if a.report_only:
         return rewrite(out, json.loads((out / "claims.json").read_text())["raw"])

@@ -41,11 +41,14 @@ def test_quick_run_writes_every_claim_with_a_computed_verdict(tmp_path):
     assert (tmp_path / "claims.md").read_text() == md
 
 
-def test_quick_never_writes_over_the_committed_results():
+def test_quick_never_writes_over_the_committed_results_and_bad_flags_are_one_line():
     before = (ROOT / "bench" / "results" / "claims.md").read_bytes()
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "claims.py"), "--quick", "--out-dir", "bench/results"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert p.returncode == 2 and "never writes over the committed results" in p.stderr
+    for args, says in ((["--quick", "--out-dir", "bench/results"], "never writes over the committed results"),
+                       (["--workers", "0"], "--workers 0 is out of range"),
+                       (["--seeds", "1", "--quick"], "--seeds 1 is out of range")):
+        p = subprocess.run([sys.executable, str(ROOT / "bench" / "claims.py"), *args],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert p.returncode == 2 and says in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
     assert (ROOT / "bench" / "results" / "claims.md").read_bytes() == before
 
 
