@@ -32,6 +32,8 @@ from stamp_min.flower_app import (FLOWER_ONLY, FLOWER_SKIPS, config_from, make_c
 from stamp_min.flower_client import node_settings  # noqa: E402
 
 import test_memory  # noqa: E402  (SCAFFOLD's rules, on Flower below)
+import flower_jobs  # noqa: E402
+from flower_jobs import job_context, job_of, next_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("own_ray")          # the simulations start a Ray of their own (conftest.py)
@@ -82,10 +84,9 @@ JOBS = {
 
 
 def jobs_apps(jobs, folder, seen):
-    """A ServerApp and a ClientApp that run `jobs` one after another in one simulation. The server runs
-    each job's stamp_min ServerApp with a Context of its own (results: folder/NAME.json) and records in
-    `seen` its error or None. A job starts with the server asking every node which client it is: the
-    node then moves on to the next job's ClientApp and forgets the job before's client state."""
+    """A ServerApp and a ClientApp that run `jobs` one after another in one simulation (flower_jobs.py):
+    the server runs each job's stamp_min ServerApp (results: folder/NAME.json) and records in `seen` its
+    error or None; a node runs each job with that job's ClientApp."""
     server_app, client_app = ServerApp(), ClientApp()
     clients = [make_client_app(job.get("client_cfg", job["cfg"]), **job.get("client_rules", {})) for job in jobs.values()]
 
@@ -94,21 +95,16 @@ def jobs_apps(jobs, folder, seen):
         for name, job in jobs.items():
             app = make_server_app(job["cfg"], results_dir=folder, **job.get("server_rules", {}))
             try:
-                app(grid, Context(run_id=context.run_id, node_id=context.node_id, node_config={}, state=RecordDict(),
-                                  run_config={"out": f"{name}.json"}))
+                app(grid, job_context(context, {"out": f"{name}.json"}))
                 seen[name] = None
             except Exception as e:                      # noqa: BLE001 - recorded, the test of that job reads it
                 seen[name] = e
 
     def who(msg, context):
-        job = int(context.state["jobs"]["job"]) + 1 if "jobs" in context.state else 0
-        for key in list(context.state.keys()):
-            del context.state[key]
-        context.state["jobs"] = ConfigRecord({"job": job})
-        return clients[job](msg, context)
+        return clients[next_job(context)](msg, context)
 
     def relay(msg, context):
-        return clients[int(context.state["jobs"]["job"])](msg, context)
+        return clients[job_of(context)](msg, context)
     client_app.query()(who)
     client_app.train()(relay)
     client_app.train("end_task")(relay)
@@ -118,7 +114,7 @@ def jobs_apps(jobs, folder, seen):
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory, own_ray):
     """Every job of JOBS on the simulation engine: (the server's results folder, {job: its error or None})."""
-    for module in (sys.modules[__name__], test_memory):
+    for module in (sys.modules[__name__], test_memory, flower_jobs):
         cloudpickle.register_pickle_by_value(module)         # Ray's workers get these functions by value
     folder, seen = tmp_path_factory.mktemp("flower"), {}
     for clients in sorted({job["cfg"].num_clients for job in JOBS.values()}):

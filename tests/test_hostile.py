@@ -35,6 +35,9 @@ from stamp_min import UserError, limits, server  # noqa: E402
 from stamp_min.fcl_loop import Config, run  # noqa: E402
 from stamp_min.flower_app import make_client_app, make_server_app, settings  # noqa: E402
 
+import flower_jobs  # noqa: E402
+from flower_jobs import job_context, job_of, next_job  # noqa: E402
+
 BASE = Config(dataset="digits", num_clients=2, num_tasks=1, classes_per_task=2, rounds_per_task=1, local_epochs=1,
               batch_size=64, device="cpu", plot=False, quiet=True)
 HONEST = make_client_app(BASE)
@@ -280,23 +283,19 @@ PREVIOUS = b'{"previous": "results"}'
 def hostile_app(cfg):
     """The simulation's ClientApp: the honest one for client 0; for client 1 the honest one with
     its replies altered: in job 0 the train reply of round r by SIM_ATTACKS[r] and the end of the
-    task's by memory_bytes=-1, in job j >= 1 the train reply by SIM_ATTACKS[j - 1]. A job starts
-    with the server asking every node which client it is: the node then counts the job and forgets
-    the client state of the job before (a stopped job's state is of no use to the next)."""
+    task's by memory_bytes=-1, in job j >= 1 the train reply by SIM_ATTACKS[j - 1] (flower_jobs.py
+    counts the jobs)."""
     honest, app = make_client_app(cfg), ClientApp()
 
     def who(msg, context):
-        job = int(context.state["hostile"]["job"]) + 1 if "hostile" in context.state else 0
-        for key in list(context.state.keys()):
-            del context.state[key]
-        context.state["hostile"] = ConfigRecord({"job": job})
+        next_job(context)
         return honest(msg, context)
 
     def answer(msg, context):
         reply = honest(msg, context)
         if context.node_config["partition-id"] != 1 or reply.has_error():
             return reply
-        job = int(context.state["hostile"]["job"])
+        job = job_of(context)
         if msg.metadata.message_type == "train.end_task":
             if job == 0:
                 reply.content["metrics"]["memory_bytes"] = -1
@@ -327,8 +326,7 @@ def jobs_app(folder, seen):
             policy, out = ("drop", "drop.json") if job == 0 else ("stop", "r.json")
             server_app = make_server_app(SIM, results_dir=folder, limits={"bad-replies": policy})
             try:
-                server_app(grid, Context(run_id=context.run_id, node_id=context.node_id, node_config={},
-                                         state=RecordDict(), run_config={"out": out, "reply-timeout": 90.0}))
+                server_app(grid, job_context(context, {"out": out, "reply-timeout": 90.0}))
             except Exception as e:
                 if job == len(SIM_ATTACKS) or not str(e).startswith("client 1's reply"):
                     raise                   # the last job's, or no refusal (the engine failed?): out of run_simulation
@@ -343,7 +341,8 @@ def engine(tmp_path_factory, own_ray):
     """The jobs on Flower's simulation engine: {folder: the server's results folder, before: its
     listing before (one file from an earlier run), seen: per job (error line or None, type, listing
     after), lines: the stamp_min lines of Flower's log, in order}."""
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])      # Ray's workers get this module by value
+    for module in (sys.modules[__name__], flower_jobs):
+        cloudpickle.register_pickle_by_value(module)                 # Ray's workers get these modules by value
     folder = tmp_path_factory.mktemp("results")
     (folder / "r_before.json").write_bytes(PREVIOUS)
     before, seen, lines = listing(folder), [], []
