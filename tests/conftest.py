@@ -83,12 +83,12 @@ def notebook(request):
     nbkernel.release(request.param)
 
 
-# The development tier, `pytest -m "not slow"`, leaves out the notebooks (marked in their own files) and the
-# end-to-end runs below, the longest of the suite (several seconds each on an idle 2-core machine, minutes
-# together); `pytest` and .ci/run run everything. A name is a test function (all its parameters).
-SLOW = ("test_flower.py::test_flower_simulation_equals_the_loop", "test_flower.py::test_loopback_deployment",
-        "test_flower.py::test_injected_client_and_server_rules_on_flower_equal_the_loop",
-        "test_flower.py::test_a_client_with_the_wrong_data_stops_the_run_with_its_reason",
+# The development tier, `pytest -m "not slow"`, leaves out the notebooks (marked in their own files), every test
+# that starts Flower's simulation engine (its `own_ray` fixture: a Ray and one actor per client, a minute or two)
+# and the end-to-end runs below, the longest of the suite (several seconds each on an idle 2-core machine,
+# minutes together); `pytest`, tests/run.py and .ci/run run everything. A name is a test function (all its
+# parameters).
+SLOW = ("test_flower.py::test_loopback_deployment",
         "test_workbench.py::test_a_preset_is_bit_identical_to_its_explicit_pair", "test_workbench.py::test_each_rule_keyword_is_used",
         "test_workbench.py::test_the_readme_example_runs", "test_workbench.py::test_match_reaches_tam_and_sam",
         "test_workbench.py::test_resume_refuses_other_functions", "test_workbench.py::test_a_rule_pair_without_a_preset",
@@ -101,14 +101,13 @@ SLOW = ("test_flower.py::test_flower_simulation_equals_the_loop", "test_flower.p
         "test_faults.py::test_a_file_size_limit_is_one_line", "test_fcl_loop.py::test_cli_end_to_end",
         "test_flora_na.py::test_cli_smoke", "test_clones.py::test_resnet18_in_float64_batched_equals_the_loop",
         "test_claims.py::test_quick_run_writes_every_claim", "test_gpu_check.py::test_gpu_check_dry_run",
-        "test_hostile.py::test_hostile_client_on_the_simulation_engine",
-        "test_hostile.py::test_each_hostile_reply_on_the_simulation_engine",
+        "test_study.py::test_ray_cluster_gives_the_local_engines_results",
         "test_beat_replay.py::test_quick_run_end_to_end", "test_beat_replay.py::test_time_estimate_runs_every_arm_once")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if any(name in item.nodeid for name in SLOW):
+        if any(name in item.nodeid for name in SLOW) or "own_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
 
 

@@ -1,0 +1,113 @@
+"""The whole suite with both cores of a 2-core machine busy: pytest processes at once, each on its own share
+of the test files.
+
+    python tests/run.py                   # everything, as .ci/run does
+    python tests/run.py -m "not slow"     # the development tier
+    python tests/run.py --processes 3 -x  # how many processes (default 2); other options go to every pytest
+
+`python -m pytest` runs the same tests one after another and keeps about one core busy. To run some files
+or tests, call pytest on them directly.
+
+Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
+helper processes running and the module fixtures (one Ray, one notebook kernel) started once per worker; it
+was slower than serial. Here each share is an ordinary pytest run with its own temporary folder and one torch
+thread, so fixtures, Ray and kernels behave as under `python -m pytest`. Two processes keep the two cores
+about 70 % busy (2026-12-05: 942 s for the whole suite against 1,156 s serial). Three were no faster (904 s:
+the cores were already full) and Ray's node, started under that load, missed its fixed 30 s start-up limit.
+
+Shares are whole files, and the files of one group in GROUPS always share a process (they start one Ray
+between them, or one kernel per notebook). They are dealt out longest first, each to the process with the
+least work so far, by the times in TIMES: seconds each file took in this runner with two processes on the
+project's idle 2-core machine (2026-12-05; test_checkpoint's since halved with a shorter run). A file not in TIMES, a new one, counts as 10 s; every file runs, listed or not.
+"""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+GROUPS = (("test_flower.py", "test_hostile.py", "test_study.py", "test_gpu.py"),      # Ray
+          ("test_notebooks.py", "test_exercises.py"))                                 # the notebooks' kernels
+TIMES = {"flower": 345, "exercises": 183, "claims": 169, "checkpoint": 100, "notebooks": 140, "beat_replay": 122,
+         "faults": 115, "workbench": 99, "hostile": 79, "study": 78, "fcl_loop": 41, "gradmatch": 37, "flora_na": 32,
+         "gpu_check": 31, "memory": 24, "clones": 19, "stamp": 11, "models": 4, "coreset": 2, "baselines": 1,
+         "plots": 1, "house": 0, "data": 0, "lora": 0, "docs": 0, "metrics": 0, "gpu": 0}
+NEW_FILE = 10
+
+
+def shares(n, files=None, times=TIMES):
+    """n lists of test files: together every tests/test_*.py (or `files`), each once; a group's files in one list."""
+    files = sorted(files or (p.name for p in TESTS.glob("test_*.py")))
+    stale = [f for g in GROUPS for f in g if f not in files]
+    if stale:
+        raise SystemExit(f"tests/run.py: GROUPS names {', '.join(stale)}, which tests/ does not have: update GROUPS")
+    units = [[f for f in g] for g in GROUPS] + [[f] for f in files if not any(f in g for g in GROUPS)]
+    cost = lambda unit: sum(times.get(f[5:-3], NEW_FILE) for f in unit)        # noqa: E731
+    out, load = [[] for _ in range(n)], [0] * n
+    for unit in sorted(units, key=cost, reverse=True):                          # longest first ...
+        i = load.index(min(load))                                               # ... to the least loaded
+        out[i] += unit
+        load[i] += cost(unit)
+    return [sorted(s) for s in out if s]
+
+
+def main(args):
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    n = 2
+    if "--processes" in args:
+        i = args.index("--processes")
+        value = args[i + 1] if i + 1 < len(args) else ""
+        if not value.isdigit() or not 1 <= int(value) <= 8:
+            print(f"tests/run.py: --processes takes a number from 1 to 8, not {value!r}", file=sys.stderr)
+            return 2
+        n, args = int(value), args[:i] + args[i + 2:]
+    paths = [a for a in args if not a.startswith("-") and Path(a).exists()]
+    if paths:
+        print(f"tests/run.py runs every test file; to run {' '.join(paths)}, call: python -m pytest {' '.join(args)}",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")     # one torch thread a process
+    parts = shares(n)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="stamp-tests-") as tmp:
+        procs, logs = [], []
+        for i, files in enumerate(parts):
+            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp}/base{i}",
+                   *args, *(str(TESTS / f) for f in files)]
+            log = None if i == 0 else open(Path(tmp) / f"process{i}.txt", "w+")   # the first prints as it goes
+            procs.append(subprocess.Popen(cmd, cwd=TESTS.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            logs.append(log)
+        print(f"tests/run.py: {len(parts)} pytest processes; process 1 ({', '.join(parts[0])}) prints below, "
+              f"the others when all are done", flush=True)
+        interrupted = False
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            interrupted = True
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            codes = [p.wait() for p in procs]
+        for i, log in enumerate(logs[1:], 1):
+            log.seek(0)
+            print(f"\n--- process {i + 1} ({', '.join(parts[i])}) ---\n" + log.read(), flush=True)
+            log.close()
+    if interrupted:
+        print("tests/run.py: interrupted", file=sys.stderr)
+        return 130
+    # pytest's 5 is "no test collected": fine for one process (a -m or -k that selects only others' tests)
+    ran = [c for c in codes if c != 5] or [5]
+    code = next((c for c in ran if c != 0), 0)
+    print(f"tests/run.py: {len(parts)} processes done in {time.time() - start:.0f} s; exit codes "
+          f"{' '.join(map(str, codes))} ({'all passed' if code == 0 else 'FAILED'})")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
