@@ -1,24 +1,29 @@
-"""The whole suite with both cores of a 2-core machine busy: pytest processes at once, each on its own share
-of the test files.
+"""The tests with both cores of a 2-core machine busy: pytest processes at once, each on its own share of the
+test files, then the files that start Ray in one process alone.
 
-    python tests/run.py                   # everything, as .ci/run does
-    python tests/run.py -m "not slow"     # the development tier
+    python tests/run.py -m "not slow"     # the development tier, as the README says
+    python tests/run.py                   # everything
     python tests/run.py --processes 3 -x  # how many processes (default 2); other options go to every pytest
 
-`python -m pytest` runs the same tests one after another and keeps about one core busy. To run some files
-or tests, call pytest on them directly.
+`python -m pytest` runs the same tests one after another and keeps about one core busy; .ci/run uses it. To
+run some files or tests, call pytest on them directly.
+
+Ray's node must start within 30 s (fixed in Ray); with another pytest process keeping both cores busy it
+sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 2 runs of the
+whole suite in parallel). So the files in RAY run last, in one process with the machine to themselves.
 
 Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
 helper processes running and the module fixtures (one Ray, one notebook kernel) started once per worker; it
 was slower than serial. Here each share is an ordinary pytest run with its own temporary folder and one torch
-thread, so fixtures, Ray and kernels behave as under `python -m pytest`. Two processes keep the two cores
-about 70 % busy (2026-12-05: 942 s for the whole suite against 1,156 s serial). Three were no faster (904 s:
-the cores were already full) and Ray's node, started under that load, missed its fixed 30 s start-up limit.
+thread, so fixtures and kernels behave as under `python -m pytest`. On the whole suite it saved little
+(2026-12-05: 942 s and 1,135 s in two runs with 2 processes, 904 s with 3, against 1,156 s serial: the cores
+were already kept busy by the notebook kernels and the tests' own subprocesses).
 
-Shares are whole files, and the files of one group in GROUPS always share a process (they start one Ray
-between them, or one kernel per notebook). They are dealt out longest first, each to the process with the
-least work so far, by the times in TIMES: seconds each file took in this runner with two processes on the
-project's idle 2-core machine (2026-12-05; test_checkpoint's since halved with a shorter run). A file not in TIMES, a new one, counts as 10 s; every file runs, listed or not.
+Shares are whole files, and the files of one group in GROUPS always share a process (one kernel per notebook,
+shared by the notebook and exercise tests). They are dealt out longest first, each to the process with the
+least work so far, by the times in TIMES (DEV_TIMES for -m "not slow"): seconds each file took in this runner
+on the project's idle 2-core machine (2026-12-05; test_checkpoint's since halved with a shorter run). A file
+not in them, a new one, counts as NEW_FILE seconds; every file runs, listed or not.
 """
 import os
 import signal
@@ -29,18 +34,23 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-GROUPS = (("test_flower.py", "test_hostile.py", "test_study.py", "test_gpu.py"),      # Ray
-          ("test_notebooks.py", "test_exercises.py"))                                 # the notebooks' kernels
+RAY = ("test_flower.py", "test_hostile.py", "test_study.py", "test_gpu.py")              # last, alone
+GROUPS = (("test_notebooks.py", "test_exercises.py"),)                                # the notebooks' kernels
 TIMES = {"flower": 345, "exercises": 183, "claims": 169, "checkpoint": 100, "notebooks": 140, "beat_replay": 122,
          "faults": 115, "workbench": 99, "hostile": 79, "study": 78, "fcl_loop": 41, "gradmatch": 37, "flora_na": 32,
          "gpu_check": 31, "memory": 24, "clones": 19, "stamp": 11, "models": 4, "coreset": 2, "baselines": 1,
          "plots": 1, "house": 0, "data": 0, "lora": 0, "docs": 0, "metrics": 0, "gpu": 0}
+DEV_TIMES = {"faults": 62, "memory": 44, "fcl_loop": 33, "beat_replay": 27, "gradmatch": 25, "claims": 22,
+             "flora_na": 22, "workbench": 21, "notebooks": 17, "clones": 15, "coreset": 9, "baselines": 7, "models": 6,
+             "plots": 1, "house": 1, "exercises": 1, "data": 0, "stamp": 0, "lora": 0, "docs": 0, "metrics": 0,
+             "checkpoint": 0, "gpu_check": 0}          # the same with -m "not slow" (3 processes, 2026-12-05)
 NEW_FILE = 10
 
 
 def shares(n, files=None, times=TIMES):
-    """n lists of test files: together every tests/test_*.py (or `files`), each once; a group's files in one list."""
-    files = sorted(files or (p.name for p in TESTS.glob("test_*.py")))
+    """n lists of test files for the processes at once: together every tests/test_*.py (or `files`) but RAY's, each
+    once; a group's files in one list."""
+    files = sorted(f for f in (files or (p.name for p in TESTS.glob("test_*.py"))) if f not in RAY)
     stale = [f for g in GROUPS for f in g if f not in files]
     if stale:
         raise SystemExit(f"tests/run.py: GROUPS names {', '.join(stale)}, which tests/ does not have: update GROUPS")
@@ -72,42 +82,44 @@ def main(args):
               file=sys.stderr)
         return 2
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")     # one torch thread a process
-    parts = shares(n)
+    parts = shares(n, times=DEV_TIMES if "not slow" in " ".join(args) else TIMES)
+    ray = [f for f in RAY if (TESTS / f).exists()]
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="stamp-tests-") as tmp:
-        procs, logs = [], []
-        for i, files in enumerate(parts):
-            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp}/base{i}",
-                   *args, *(str(TESTS / f) for f in files)]
-            log = None if i == 0 else open(Path(tmp) / f"process{i}.txt", "w+")   # the first prints as it goes
-            procs.append(subprocess.Popen(cmd, cwd=TESTS.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-            logs.append(log)
-        print(f"tests/run.py: {len(parts)} pytest processes; process 1 ({', '.join(parts[0])}) prints below, "
-              f"the others when all are done", flush=True)
-        interrupted = False
+        def pytest(i, files, log):
+            return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp}/base{i}",
+                                     *args, *(str(TESTS / f) for f in files)], cwd=TESTS.parent, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(parts))]
+        print(f"tests/run.py: {len(parts)} pytest processes at once, then {len(ray)} files with Ray alone; "
+              f"process 1 ({', '.join(parts[0])}) prints below, the others when they are done", flush=True)
+        procs, codes = [pytest(i, files, logs[i]) for i, files in enumerate(parts)], []
         try:
             codes = [p.wait() for p in procs]
+            for i, log in enumerate(logs[1:], 1):
+                log.seek(0)
+                print(f"\n--- process {i + 1} ({', '.join(parts[i])}) ---\n" + log.read(), flush=True)
+            if ray:
+                print(f"\n--- then alone, the files that start Ray ({', '.join(ray)}) ---", flush=True)
+                procs.append(pytest(len(parts), ray, None))
+                codes.append(procs[-1].wait())
         except KeyboardInterrupt:
-            interrupted = True
             for p in procs:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGTERM)
-            codes = [p.wait() for p in procs]
-        for i, log in enumerate(logs[1:], 1):
-            log.seek(0)
-            print(f"\n--- process {i + 1} ({', '.join(parts[i])}) ---\n" + log.read(), flush=True)
-            log.close()
-    if interrupted:
-        print("tests/run.py: interrupted", file=sys.stderr)
-        return 130
+            for p in procs:
+                p.wait()
+            print("tests/run.py: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            for log in logs[1:]:
+                log.close()
     # pytest's 5 is "no test collected": fine for one process (a -m or -k that selects only others' tests)
     ran = [c for c in codes if c != 5] or [5]
     code = next((c for c in ran if c != 0), 0)
-    print(f"tests/run.py: {len(parts)} processes done in {time.time() - start:.0f} s; exit codes "
-          f"{' '.join(map(str, codes))} ({'all passed' if code == 0 else 'FAILED'})")
+    print(f"tests/run.py: done in {time.time() - start:.0f} s; exit codes {' '.join(map(str, codes))} "
+          f"({'all passed' if code == 0 else 'FAILED'})")
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
