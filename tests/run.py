@@ -9,7 +9,7 @@ test files, then the files that start Ray in one process alone.
 run some files or tests, call pytest on them directly.
 
 Ray's node must start within 30 s (fixed in Ray); with another pytest process keeping both cores busy it
-sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 2 runs of the
+sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs of the
 whole suite in parallel). So the files in RAY run last, in one process with the machine to themselves.
 
 Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
