@@ -17,6 +17,7 @@ range, finite statistics.
 Scenarios (which client sees which images at which task) are in scenarios.py.
 """
 
+import importlib.util
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,20 @@ def _split(x, y):
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.from_numpy(np.round(d.images * (255 / 16))).to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8)
-    return (*_split(x, torch.from_numpy(d.target).long()), 10)
+    """scikit-learn's digits, read from the file its wheel ships (datasets/data/digits.csv.gz: per row
+    64 pixels in 0..16, then the label) as load_digits reads it, without importing scikit-learn, which
+    costs every new process about 2 s; load_digits itself where that file is not as expected."""
+    spec = importlib.util.find_spec("sklearn")                   # finds the package, does not import it
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    data = np.loadtxt(path, delimiter=",") if path and path.is_file() else None
+    if data is not None and data.shape == (1797, 65):
+        images, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    else:
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        images, target = d.images, d.target
+    x = torch.from_numpy(np.round(images * (255 / 16))).to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8)
+    return (*_split(x, torch.from_numpy(target).long()), 10)
 
 
 def _cifar(name, root, download):

@@ -104,9 +104,8 @@ def execute(job):
 
 
 def _warm():
-    """Do once here what every run's first call would do in every worker: the lazy imports of
-    scikit-learn (the digits) and of torch's optimiser step (seconds each); forked workers inherit them."""
-    import sklearn.datasets  # noqa: F401
+    """Do once here what every run's first call would do in every worker: the lazy import behind
+    torch's optimisers (torch._dynamo, seconds); forked workers inherit it."""
     w = torch.zeros(1, requires_grad=True)
     w.sum().backward()
     torch.optim.SGD([w], lr=0.1).step()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stamp_min import UserError
-from stamp_min.data import load_dataset, make_scenario
+from stamp_min.data import _holdout, load_dataset, make_scenario
 from conftest import toy_dataset, write_cifar100
 
 
@@ -22,10 +22,13 @@ def test_digits_is_the_bundled_dataset_with_a_stratified_holdout(digits):
     ref = load_digits()
     assert digits.x_train.dtype == torch.uint8 and digits.x_train.shape[1:] == (1, 8, 8)
     assert len(digits.y_train) + len(digits.y_test) == len(ref.target) == 1797
-    # every image is one of sklearn's, rescaled from 0..16 to 0..255
-    both = torch.cat([digits.x_train, digits.x_test]).flatten(1).double() * 16 / 255
-    ref_sorted = torch.from_numpy(ref.images.reshape(1797, 64)).double()
-    assert torch.allclose(both.sum(1).sort().values, ref_sorted.sum(1).sort().values, atol=64 * 0.04)
+    # read from sklearn's file without importing sklearn: exactly load_digits' images, rescaled from
+    # 0..16 to 0..255 and rounded, split by the fixed stratified holdout
+    x = torch.from_numpy(np.round(ref.images * (255 / 16))).to(torch.uint8).unsqueeze(1)
+    tr, te = _holdout(torch.from_numpy(ref.target).long(), 0.2, seed=0)
+    assert torch.equal(digits.x_train, x[tr]) and torch.equal(digits.x_test, x[te])
+    assert torch.equal(digits.y_train, torch.from_numpy(ref.target)[tr]) and digits.y_train.dtype == torch.int64
+    assert torch.equal(digits.y_test, torch.from_numpy(ref.target)[te])
     # 20 % of each class held out
     test_counts, all_counts = Counter(digits.y_test.tolist()), Counter(ref.target.tolist())
     for c in range(10):
