@@ -1,31 +1,34 @@
 """The tests with both cores of a 2-core machine busy: pytest processes at once, each on its own share of the
-test files, then the files that start Ray in one process alone.
+test files, then the tests that start a Ray in one process alone.
 
-    python tests/run.py -m "not slow"     # the development tier, as the README says
-    python tests/run.py                   # everything
+    python tests/run.py                   # everything: the README's command and .ci/run's
+    python tests/run.py -m "not slow"     # the development tier
     python tests/run.py --processes 3 -x  # how many processes (default 2); other options go to every pytest
 
-`python -m pytest` runs the same tests one after another and keeps about one core busy; .ci/run uses it. To
-run some files or tests, call pytest on them directly.
+`python -m pytest` runs the same tests one after another. Most tests are many small torch operations, for which
+a second thread barely helps (2026-12-05: four tiny runs 4.0 s with 2 threads, 4.6 s with 1, on 75 % more CPU),
+so one process keeps about one core busy. To run some files or tests, call pytest on them directly.
 
 Ray's node must start within 30 s (fixed in Ray); with another pytest process keeping both cores busy it
-sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs of the
-whole suite in parallel). So the files in RAY run last, in one process with the machine to themselves.
+sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs with
+them in parallel). So the tests marked `ray` (conftest.py: the ones that start Flower's simulation engine, and
+the Ray cluster test) run last, in one process with the machine to themselves: first every process runs its
+files with -m "not ray" (and your -m), then one runs -m "ray" (and your -m) over tests/. Every Ray test is also
+slow, so a -m that says "not slow" skips that second step.
 
 Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
 helper processes running and the module fixtures (one Ray, one notebook kernel) started once per worker; it
 was slower than serial. Here each share is an ordinary pytest run with its own temporary folder and one torch
-thread, so fixtures and kernels behave as under `python -m pytest`. On the whole suite it saved little
-(2026-12-05: 942 s and 1,135 s in two runs with 2 processes, 904 s with 3, against 1,156 s serial: the cores
-were already kept busy by the notebook kernels and the tests' own subprocesses).
+thread, so fixtures and kernels behave as under `python -m pytest`.
 
 Shares are whole files, and the files of one group in GROUPS always share a process (one kernel per notebook,
 shared by the notebook and exercise tests). They are dealt out longest first, each to the process with the
-least work so far, by the times in TIMES (DEV_TIMES for -m "not slow"): seconds each file took in this runner
-on the project's idle 2-core machine (2026-12-05; test_checkpoint's since halved with a shorter run). A file
-not in them, a new one, counts as NEW_FILE seconds; every file runs, listed or not.
+least work so far, by the times in TIMES (DEV_TIMES for -m "not slow"): seconds each file's tests but the Ray
+ones took in this runner on the project's idle 2-core machine. A file not in them, a new one, counts as
+NEW_FILE seconds; every file runs, listed or not.
 """
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,23 +37,22 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-RAY = ("test_flower.py", "test_hostile.py", "test_study.py", "test_gpu.py")              # last, alone
 GROUPS = (("test_notebooks.py", "test_exercises.py"),)                                # the notebooks' kernels
 TIMES = {"exercises": 183, "claims": 169, "checkpoint": 100, "notebooks": 140, "beat_replay": 122, "faults": 115,
          "workbench": 99, "fcl_loop": 41, "gradmatch": 37, "flora_na": 32, "gpu_check": 31, "memory": 24, "clones": 19,
-         "stamp": 11, "models": 4, "coreset": 2, "baselines": 1, "plots": 1, "house": 0, "data": 0, "lora": 0, "docs": 0,
-         "metrics": 0}                                  # RAY's files are not dealt out: they run alone, last
+         "stamp": 11, "flower": 120, "study": 40, "hostile": 20, "models": 4, "gpu": 0, "coreset": 2, "baselines": 1, "plots": 1, "house": 0, "data": 0, "lora": 0, "docs": 0,
+         "metrics": 0}
 DEV_TIMES = {"faults": 62, "memory": 44, "fcl_loop": 33, "beat_replay": 27, "gradmatch": 25, "claims": 22,
              "flora_na": 22, "workbench": 21, "notebooks": 17, "clones": 15, "coreset": 9, "baselines": 7, "models": 6,
              "plots": 1, "house": 1, "exercises": 1, "data": 0, "stamp": 0, "lora": 0, "docs": 0, "metrics": 0,
-             "checkpoint": 0, "gpu_check": 0}          # the same with -m "not slow" (3 processes, 2026-12-05)
+             "checkpoint": 0, "gpu_check": 0, "flower": 10, "study": 30, "hostile": 20, "gpu": 0}          # the same with -m "not slow" (3 processes, 2026-12-05)
 NEW_FILE = 10
 
 
 def shares(n, files=None, times=TIMES):
-    """n lists of test files for the processes at once: together every tests/test_*.py (or `files`) but RAY's, each
-    once; a group's files in one list."""
-    files = sorted(f for f in (files or (p.name for p in TESTS.glob("test_*.py"))) if f not in RAY)
+    """n lists of test files for the processes at once: together every tests/test_*.py (or `files`), each once; a
+    group's files in one list."""
+    files = sorted(files or (p.name for p in TESTS.glob("test_*.py")))
     stale = [f for g in GROUPS for f in g if f not in files]
     if stale:
         raise SystemExit(f"tests/run.py: GROUPS names {', '.join(stale)}, which tests/ does not have: update GROUPS")
@@ -62,6 +64,25 @@ def shares(n, files=None, times=TIMES):
         out[i] += unit
         load[i] += cost(unit)
     return [sorted(s) for s in out if s]
+
+
+def plan(args, n=2):
+    """What runs: [(files, pytest options)] for the n processes at once, then the options of the Ray step over tests/,
+    or None where the -m leaves out slow tests (every Ray test is slow). Your last -m (pytest takes the last) joins
+    ours: -m "(yours) and not ray", then -m "(yours) and ray"."""
+    marks = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-m"]
+    rest = [a for i, a in enumerate(args) if a != "-m" and (i == 0 or args[i - 1] != "-m")]
+    mine = f"({marks[-1]}) and " if marks else ""
+    parts = shares(n, times=DEV_TIMES if "not slow" in mine else TIMES)
+    return [(files, ["-m", mine + "not ray", *rest]) for files in parts], (
+        None if "not slow" in mine else ["-m", mine + "ray", *rest])
+
+
+def outcome(codes):
+    """The exit code of them all: the first failure's, else 0; pytest's 5 ("no tests collected") counts only when
+    every process had it (a -m or -k may select only another process's tests)."""
+    ran = [c for c in codes if c != 5] or [5]
+    return next((c for c in ran if c != 0), 0)
 
 
 def main(args):
@@ -81,27 +102,28 @@ def main(args):
         print(f"tests/run.py runs every test file; to run {' '.join(paths)}, call: python -m pytest {' '.join(args)}",
               file=sys.stderr)
         return 2
+    first, ray = plan(args, n)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")     # one torch thread a process
-    parts = shares(n, times=DEV_TIMES if "not slow" in " ".join(args) else TIMES)
-    ray = [f for f in RAY if (TESTS / f).exists()]
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="stamp-tests-") as tmp:
-        def pytest(i, files, log):
+        def pytest(i, options, paths, log):
             return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp}/base{i}",
-                                     *args, *(str(TESTS / f) for f in files)], cwd=TESTS.parent, env=env, stdout=log,
+                                     *options, *map(str, paths)], cwd=TESTS.parent, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(parts))]
-        print(f"tests/run.py: {len(parts)} pytest processes at once, then {len(ray)} files with Ray alone; "
-              f"process 1 ({', '.join(parts[0])}) prints below, the others when they are done", flush=True)
-        procs, codes = [pytest(i, files, logs[i]) for i, files in enumerate(parts)], []
+        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(first))]
+        print(f"tests/run.py: {len(first)} pytest processes at once ({shlex.join(first[0][1])})"
+              + (f", then one alone ({shlex.join(ray)})" if ray else "") + f"; process 1 ({', '.join(first[0][0])}) "
+              "prints below, the others when they are done", flush=True)
+        procs, codes = [pytest(i, options, [TESTS / f for f in files], logs[i])
+                        for i, (files, options) in enumerate(first)], []
         try:
             codes = [p.wait() for p in procs]
             for i, log in enumerate(logs[1:], 1):
                 log.seek(0)
-                print(f"\n--- process {i + 1} ({', '.join(parts[i])}) ---\n" + log.read(), flush=True)
+                print(f"\n--- process {i + 1} ({', '.join(first[i][0])}) ---\n" + log.read(), flush=True)
             if ray:
-                print(f"\n--- then alone, the files that start Ray ({', '.join(ray)}) ---", flush=True)
-                procs.append(pytest(len(parts), ray, None))
+                print(f"\n--- then alone, the tests that start a Ray ({shlex.join(ray)}) ---", flush=True)
+                procs.append(pytest(len(first), ray, [TESTS], None))
                 codes.append(procs[-1].wait())
         except KeyboardInterrupt:
             for p in procs:
@@ -114,9 +136,7 @@ def main(args):
         finally:
             for log in logs[1:]:
                 log.close()
-    # pytest's 5 is "no test collected": fine for one process (a -m or -k that selects only others' tests)
-    ran = [c for c in codes if c != 5] or [5]
-    code = next((c for c in ran if c != 0), 0)
+    code = outcome(codes)
     print(f"tests/run.py: done in {time.time() - start:.0f} s; exit codes {' '.join(map(str, codes))} "
           f"({'all passed' if code == 0 else 'FAILED'})")
     return code

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import assert_same_run
 
-ARGS = ["--num-clients", "2", "--num-tasks", "3", "--rounds-per-task", "2", "--local-epochs", "1",
+ARGS = ["--num-clients", "2", "--num-tasks", "3", "--rounds-per-task", "2", "--local-epochs", "1", "--ewc-fisher-samples", "32",
         "--buffer-per-class", "4", "--plot", "false"]
 
 

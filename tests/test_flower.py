@@ -36,7 +36,6 @@ import flower_jobs  # noqa: E402
 from flower_jobs import job_context, job_of, next_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("own_ray")          # the simulations start a Ray of their own (conftest.py)
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}}
 

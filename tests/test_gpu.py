@@ -196,7 +196,7 @@ def test_killed_and_resumed_on_gpu_equals_uninterrupted(tmp_path):
     assert b["peak_gpu_memory_bytes"] > 0
 
 
-def test_flower_simulation_with_gpu_clients(no_tf32, tmp_path, record_property, monkeypatch):
+def test_flower_simulation_with_gpu_clients(no_tf32, own_ray, tmp_path, record_property, monkeypatch):
     """Flower's simulation engine, its clients on the GPU (Ray gives each half the GPU): the same
     results as the in-process loop on the GPU, within the short-run tolerances."""
     pytest.importorskip("flwr", reason="Flower is optional: pip install -r requirements-flower.txt")

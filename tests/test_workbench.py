@@ -20,7 +20,7 @@ from stamp_min.metrics import task_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(num_clients=2, num_tasks=2, classes_per_task=2, rounds_per_task=2, local_epochs=1, buffer_per_class=3,
-            quiet=True, plot=False)
+            ewc_fisher_samples=32, quiet=True, plot=False)         # EWC's Fisher: one backward pass an image
 
 
 def same(a, b):
