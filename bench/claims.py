@@ -56,7 +56,7 @@ SETTINGS = {"cpt 1": dict(classes_per_task=1), "cpt 2": dict(classes_per_task=2)
             "short local training": dict(local_epochs=1, batch_size=64), "20 % noisy labels": dict()}
 C1_SETTINGS = ("cpt 1", "cpt 2", "cpt 5", "Dirichlet α 0.1", "Dirichlet α 1")
 BUDGET = dict(dataset="digits", num_clients=5, rounds_per_task=5, local_epochs=2, batch_size=16, buffer_per_class=10)
-QUICK = dict(num_clients=2, num_tasks=2, rounds_per_task=1, local_epochs=1)
+QUICK = dict(num_clients=2, num_tasks=2, rounds_per_task=1, local_epochs=1, ewc_fisher_samples=32)   # EWC: 32-image Fisher
 BASELINES = ("fedavg", "fedprox", "ewc", "lwf", "replay", "agem")
 SHARES = (0.0, 0.25, 0.5)                     # replay_share, tuned with lr for every arm whose clients replay
 NOISE = 0.2                                   # share of training labels replaced by another class (Q2)
