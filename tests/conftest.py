@@ -105,7 +105,8 @@ SLOW = ("test_flower.py::test_loopback_deployment",
 
 
 # Marked `ray` (and slow): the tests that start a Ray, through the `own_ray` fixture (Flower's simulation engine) or
-# as named here. tests/run.py runs them last, alone: Ray's node must start within a fixed 30 s.
+# as named here. tests/run.py runs them in a process ahead of the others for the CPU: Ray's node must start within
+# a fixed 30 s.
 RAY = ("test_study.py::test_ray_cluster_gives_the_local_engines_results",)
 
 

@@ -9,12 +9,13 @@ test files, then the tests that start a Ray in one process alone.
 a second thread barely helps (2026-12-05: four tiny runs 4.0 s with 2 threads, 4.6 s with 1, on 75 % more CPU),
 so one process keeps about one core busy. To run some files or tests, call pytest on them directly.
 
-Ray's node must start within 30 s (fixed in Ray); with another pytest process keeping both cores busy it
+Ray's node must start within 30 s (fixed in Ray); with other pytest processes keeping both cores busy it
 sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs with
 them in parallel). So the tests marked `ray` (conftest.py: the ones that start Flower's simulation engine, and
-the Ray cluster test) run last, in one process with the machine to themselves: first every process runs its
-files with -m "not ray" (and your -m), then one runs -m "ray" (and your -m) over tests/. Every Ray test is also
-slow, so a -m that says "not slow" skips that second step.
+the Ray cluster test) run in a process of their own at normal priority, -m "ray" (and your -m) over tests/,
+while the processes of every file's other tests, -m "not ray" (and your -m), run beside it at nice NICE: the
+kernel gives Ray's processes the CPU first, and the others what Ray leaves idle (much: it waits for its
+processes and actors). Every Ray test is also slow, so a -m that says "not slow" has no Ray process.
 
 Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
 helper processes running and the module fixtures (one Ray, one notebook kernel) started once per worker; it
@@ -47,6 +48,7 @@ DEV_TIMES = {"faults": 62, "memory": 44, "fcl_loop": 33, "beat_replay": 27, "gra
              "plots": 1, "house": 1, "exercises": 1, "data": 0, "stamp": 0, "lora": 0, "docs": 0, "metrics": 0,
              "checkpoint": 0, "gpu_check": 0, "flower": 10, "study": 30, "hostile": 20, "gpu": 0}          # the same with -m "not slow" (3 processes, 2026-12-05)
 NEW_FILE = 10
+NICE = 10
 
 
 def shares(n, files=None, times=TIMES):
@@ -106,25 +108,25 @@ def main(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")     # one torch thread a process
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="stamp-tests-") as tmp:
-        def pytest(i, options, paths, log):
+        def pytest(i, options, paths, log, nice=0):
             return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp}/base{i}",
                                      *options, *map(str, paths)], cwd=TESTS.parent, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(first))]
-        print(f"tests/run.py: {len(first)} pytest processes at once ({shlex.join(first[0][1])})"
-              + (f", then one alone ({shlex.join(ray)})" if ray else "") + f"; process 1 ({', '.join(first[0][0])}) "
-              "prints below, the others when they are done", flush=True)
-        procs, codes = [pytest(i, options, [TESTS / f for f in files], logs[i])
-                        for i, (files, options) in enumerate(first)], []
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: os.nice(nice))
+        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(first) + bool(ray))]
+        print(f"tests/run.py: {len(first)} pytest processes ({shlex.join(first[0][1])})"
+              + (f" at nice {NICE}, beside one ({shlex.join(ray)}) at normal priority" if ray else "")
+              + f"; process 1 ({', '.join(first[0][0])}) prints below, the others when all are done", flush=True)
+        procs = [pytest(i, options, [TESTS / f for f in files], logs[i], NICE if ray else 0)
+                 for i, (files, options) in enumerate(first)]
+        if ray:
+            procs.append(pytest(len(first), ray, [TESTS], logs[len(first)]))
+        codes = []
         try:
             codes = [p.wait() for p in procs]
             for i, log in enumerate(logs[1:], 1):
                 log.seek(0)
-                print(f"\n--- process {i + 1} ({', '.join(first[i][0])}) ---\n" + log.read(), flush=True)
-            if ray:
-                print(f"\n--- then alone, the tests that start a Ray ({shlex.join(ray)}) ---", flush=True)
-                procs.append(pytest(len(first), ray, [TESTS], None))
-                codes.append(procs[-1].wait())
+                what = ", ".join(first[i][0]) if i < len(first) else f"the tests that start a Ray: {shlex.join(ray)}"
+                print(f"\n--- process {i + 1} ({what}) ---\n" + log.read(), flush=True)
         except KeyboardInterrupt:
             for p in procs:
                 if p.poll() is None:
