@@ -10,8 +10,9 @@ its log and leave the federation running, then a hostile job whose `out` points 
 server's results folder ($STAMP_RESULTS_DIR), which must be refused with nothing written, then a
 tiny STAMP job, which must finish with
 sensible accuracy and with fcl_loop's accuracy matrix (same job, one thread). It stops every
-process it started (their process groups, then any process that still has our FLWR_HOME). Exit 0: all good; 1: a check failed; the logs of
-every process are printed on failure. The whole check is bounded by --timeout seconds.
+process it started (their process groups, then any process that still has our FLWR_HOME). Exit 0: all good,
+and its temporary folder is removed; 1: a check failed, the logs of every process are printed and the folder is
+kept. The whole check is bounded by --timeout seconds.
 
 This is what a real deployment runs, with the machines' addresses in place of 127.0.0.1 and TLS
 in place of --insecure (see docs/flower.md, "Deploy for real" and "Who controls what").
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,6 +192,9 @@ def main():
         for name in procs:
             print(f"----- {name} log (last 40 lines)")
             print("\n".join((tmp / f"{name}.log").read_text().splitlines()[-40:]))
+        print(f"every log, the state and the results are kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)             # logs, state, FLWR_HOME's environments: not needed
     return 0 if ok else 1
 
 

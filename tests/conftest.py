@@ -101,12 +101,13 @@ SLOW = ("test_flower.py::test_loopback_deployment",
         "test_faults.py::test_a_file_size_limit_is_one_line", "test_fcl_loop.py::test_cli_end_to_end",
         "test_flora_na.py::test_cli_smoke", "test_clones.py::test_resnet18_in_float64_batched_equals_the_loop",
         "test_claims.py::test_quick_run_writes_every_claim", "test_gpu_check.py::test_gpu_check_dry_run",
-        "test_beat_replay.py::test_quick_run_end_to_end", "test_beat_replay.py::test_time_estimate_runs_every_arm_once")
+        "test_beat_replay.py::test_quick_run_end_to_end", "test_beat_replay.py::test_time_estimate_runs_every_arm_once",
+        "test_study.py::test_the_command_line_study_is_interrupted_by_sigterm_and_resumes",
+        "test_run.py::test_the_runner_passes_options_and_returns_pytests_code")
 
 
 # Marked `ray` (and slow): the tests that start a Ray, through the `own_ray` fixture (Flower's simulation engine) or
-# as named here. tests/run.py runs them in a process ahead of the others for the CPU: Ray's node must start within
-# a fixed 30 s.
+# as named here. tests/run.py runs them last, alone: Ray's node must start within a fixed 30 s.
 RAY = ("test_study.py::test_ray_cluster_gives_the_local_engines_results",)
 
 

@@ -9,13 +9,14 @@ test files, then the tests that start a Ray in one process alone.
 a second thread barely helps (2026-12-05: four tiny runs 4.0 s with 2 threads, 4.6 s with 1, on 75 % more CPU),
 so one process keeps about one core busy. To run some files or tests, call pytest on them directly.
 
-Ray's node must start within 30 s (fixed in Ray); with other pytest processes keeping both cores busy it
-sometimes did not (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs with
-them in parallel). So the tests marked `ray` (conftest.py: the ones that start Flower's simulation engine, and
-the Ray cluster test) run in a process of their own at normal priority, -m "ray" (and your -m) over tests/,
-while the processes of every file's other tests, -m "not ray" (and your -m), run beside it at nice NICE: the
-kernel gives Ray's processes the CPU first, and the others what Ray leaves idle (much: it waits for its
-processes and actors). Every Ray test is also slow, so a -m that says "not slow" has no Ray process.
+Ray's node must start within 30 s (fixed in Ray); with other pytest processes busy beside it, it often did not
+(2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs with them in parallel; the
+Flower simulations failed with the others at nice 10, since nice does not reach across the sessions that
+notebook kernels and Ray's processes start; the Ray cluster test failed with the others kept off one core, and
+the Ray tests took 363 s instead of 193). So the tests marked `ray` (conftest.py: the ones that start Flower's
+simulation engine, and the Ray cluster test) run last, in one process with the machine to themselves: first
+every process runs its files with -m "not ray" (and your -m), then one runs -m "ray" (and your -m) over tests/.
+Every Ray test is also slow, so a -m that says "not slow" skips that second step.
 
 Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
 helper processes running and the module fixtures (one Ray, one notebook kernel) started once per worker; it
@@ -25,7 +26,7 @@ thread, so fixtures and kernels behave as under `python -m pytest`.
 Shares are whole files, and the files of one group in GROUPS always share a process (one kernel per notebook,
 shared by the notebook and exercise tests). They are dealt out longest first, each to the process with the
 least work so far, by the times in TIMES (DEV_TIMES for -m "not slow"): seconds each file's tests but the Ray
-ones took in this runner on the project's idle 2-core machine. A file not in them, a new one, counts as
+ones took in this runner on the project's idle 2-core machine (2026-12-05, at cff2d84). A file not in them, a new one, counts as
 NEW_FILE seconds; every file runs, listed or not.
 """
 import os
@@ -39,16 +40,15 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 GROUPS = (("test_notebooks.py", "test_exercises.py"),)                                # the notebooks' kernels
-TIMES = {"exercises": 183, "claims": 169, "checkpoint": 100, "notebooks": 140, "beat_replay": 122, "faults": 115,
-         "workbench": 99, "fcl_loop": 41, "gradmatch": 37, "flora_na": 32, "gpu_check": 31, "memory": 24, "clones": 19,
-         "stamp": 11, "flower": 120, "study": 40, "hostile": 20, "models": 4, "gpu": 0, "coreset": 2, "baselines": 1, "plots": 1, "house": 0, "data": 0, "lora": 0, "docs": 0,
-         "metrics": 0}
-DEV_TIMES = {"faults": 62, "memory": 44, "fcl_loop": 33, "beat_replay": 27, "gradmatch": 25, "claims": 22,
-             "flora_na": 22, "workbench": 21, "notebooks": 17, "clones": 15, "coreset": 9, "baselines": 7, "models": 6,
-             "plots": 1, "house": 1, "exercises": 1, "data": 0, "stamp": 0, "lora": 0, "docs": 0, "metrics": 0,
-             "checkpoint": 0, "gpu_check": 0, "flower": 10, "study": 30, "hostile": 20, "gpu": 0}          # the same with -m "not slow" (3 processes, 2026-12-05)
+TIMES = {"flower": 207, "notebooks": 198, "exercises": 187, "claims": 154, "checkpoint": 111, "beat_replay": 109,
+         "workbench": 108, "faults": 73, "study": 56, "run": 51, "gpu_check": 36, "fcl_loop": 35, "gradmatch": 31,
+         "flora_na": 29, "memory": 24, "clones": 21, "stamp": 8, "hostile": 5, "models": 4, "data": 3, "coreset": 3,
+         "plots": 2, "baselines": 1, "house": 0, "gpu": 0, "docs": 0, "lora": 0, "metrics": 0}
+DEV_TIMES = {"notebooks": 33, "faults": 33, "gradmatch": 31, "fcl_loop": 27, "beat_replay": 25, "memory": 24,
+             "flora_na": 22, "study": 15, "workbench": 15, "claims": 13, "clones": 11, "hostile": 5, "models": 4,
+             "data": 3, "coreset": 3, "plots": 2, "baselines": 1, "run": 0, "exercises": 0, "stamp": 0, "house": 0,
+             "gpu": 0, "docs": 0, "lora": 0, "flower": 0, "metrics": 0, "checkpoint": 0, "gpu_check": 0}
 NEW_FILE = 10
-NICE = 10
 
 
 def shares(n, files=None, times=TIMES):
@@ -108,25 +108,25 @@ def main(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")     # one torch thread a process
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="stamp-tests-") as tmp:
-        def pytest(i, options, paths, log, nice=0):
+        def pytest(i, options, paths, log):
             return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={tmp}/base{i}",
                                      *options, *map(str, paths)], cwd=TESTS.parent, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: os.nice(nice))
-        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(first) + bool(ray))]
-        print(f"tests/run.py: {len(first)} pytest processes ({shlex.join(first[0][1])})"
-              + (f" at nice {NICE}, beside one ({shlex.join(ray)}) at normal priority" if ray else "")
-              + f"; process 1 ({', '.join(first[0][0])}) prints below, the others when all are done", flush=True)
-        procs = [pytest(i, options, [TESTS / f for f in files], logs[i], NICE if ray else 0)
-                 for i, (files, options) in enumerate(first)]
-        if ray:
-            procs.append(pytest(len(first), ray, [TESTS], logs[len(first)]))
-        codes = []
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        logs = [None] + [open(Path(tmp) / f"process{i}.txt", "w+") for i in range(1, len(first))]
+        print(f"tests/run.py: {len(first)} pytest processes at once ({shlex.join(first[0][1])})"
+              + (f", then one alone ({shlex.join(ray)})" if ray else "") + f"; process 1 ({', '.join(first[0][0])}) "
+              "prints below, the others when they are done", flush=True)
+        procs, codes = [pytest(i, options, [TESTS / f for f in files], logs[i])
+                        for i, (files, options) in enumerate(first)], []
         try:
             codes = [p.wait() for p in procs]
             for i, log in enumerate(logs[1:], 1):
                 log.seek(0)
-                what = ", ".join(first[i][0]) if i < len(first) else f"the tests that start a Ray: {shlex.join(ray)}"
-                print(f"\n--- process {i + 1} ({what}) ---\n" + log.read(), flush=True)
+                print(f"\n--- process {i + 1} ({', '.join(first[i][0])}) ---\n" + log.read(), flush=True)
+            if ray:
+                print(f"\n--- then alone, the tests that start a Ray ({shlex.join(ray)}) ---", flush=True)
+                procs.append(pytest(len(first), ray, [TESTS], None))
+                codes.append(procs[-1].wait())
         except KeyboardInterrupt:
             for p in procs:
                 if p.poll() is None:
