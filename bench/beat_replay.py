@@ -291,8 +291,8 @@ def evaluate(s, base):
             both = [x for x in s.seeds if "error" not in s.result(a, x) and "error" not in s.result(b, x)]
             same = lambda k: all(s.result(a, x)[k] == s.result(b, x)[k] for x in both)            # noqa: E731
             parts.append({"arm": arm, "setting": setting, "candidate": arm in CANDIDATES, "a": a, "b": b,
-                          **{k: v for k, v in asdict(acc).items() if k not in ("a", "b")}, "n": len(acc.seeds),
-                          "failed_seeds": [x for x in s.seeds if x not in both],
+                          **{k: v for k, v in asdict(acc).items() if k not in ("a", "b", "left_out")}, "n": len(acc.seeds),
+                          "failed_seeds": acc.left_out,
                           "adjusted_low": lo, "adjusted_high": hi,
                           "forgetting": {k: getattr(fg, k) for k in ("mean", "low", "high", "verdict", "a_mean", "b_mean")},
                           "wall_ratio": mean_of(s, a, lambda r: r[WALL]) / mean_of(s, b, lambda r: r[WALL]),

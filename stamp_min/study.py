@@ -23,13 +23,12 @@ or `engine="ray"`), cached on disk, resumable.
     By default every seed draws its own test split (test_split="per_seed", data.resplit): seed s
     is a fresh draw of everything random (test images, scenario, initial model, batches), so the
     paired differences d_s are independent draws of "A − B on a new experiment", and their
-    Student-t interval covers test-set sampling as well as training noise. With the dataset's
-    fixed test split (test_split="fixed") the interval would treat that one test set as the
-    whole population.
+    Student-t interval covers test-set sampling as well as training noise (with the dataset's fixed
+    test split, test_split="fixed", it would treat that one test set as the whole population).
 
-compare(s, a, b, metric, kind, delta): d_s = metric(a) − metric(b) on the seeds where both ran
-(lower is better for forgetting, wall time and bytes: d_s = metric(b) − metric(a)); its interval
-and verdict: metrics.paired_interval and metrics.verdict, where the verdict rule is stated.
+compare(s, a, b, metric, kind, delta): d_s = metric(a) − metric(b) on the seeds where both ran (the
+others are its left_out, and printed); lower is better for forgetting, wall time and bytes: d_s =
+metric(b) − metric(a). Interval and verdict: metrics.paired_interval and metrics.verdict (the rule).
 
     python -m stamp_min.study --help
 """
@@ -148,8 +147,7 @@ def study(arms, seeds=range(10), base=None, *, tune=True, tune_seeds=TUNE_SEEDS,
     if not arms or not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"arms={list(arms)} seeds={seeds}; allowed: at least one arm and distinct seeds")
     if set(seeds) & set(tune_seeds):
-        raise UserError(f"seeds {sorted(set(seeds) & set(tune_seeds))} are tuning seeds too; allowed: confirmation seeds "
-                        f"never used to tune")
+        raise UserError(f"seeds {sorted(set(seeds) & set(tune_seeds))} are tuning seeds too; allowed: seeds never used to tune")
     base = replace(base or Config(), quiet=True, plot=False, out="", test_split=test_split)
     if base.checkpoint_dir or base.resume:
         raise UserError("a study resumes from its cache, not from checkpoints; allowed: checkpoint_dir='' and resume=False")
@@ -195,10 +193,12 @@ class Comparison:
     verdict: str
     a_mean: float
     b_mean: float
+    left_out: list = field(default_factory=list)     # seeds where a run of a or b failed: not in the pairs
 
     def __str__(self):
         return (f"{self.a} vs {self.b}, {self.metric}: {self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}] over "
-                f"{len(self.seeds)} seeds ({self.kind}, δ {self.delta:g}): {self.verdict}")
+                f"{len(self.seeds)} seeds ({self.kind}, δ {self.delta:g}): {self.verdict}"
+                + (f" (left out, a run failed: seeds {', '.join(map(str, self.left_out))})" if self.left_out else ""))
 
 
 def compare(s, a, b, metric="avg_accuracy", kind="better", delta=0.01):
@@ -215,7 +215,7 @@ def compare(s, a, b, metric="avg_accuracy", kind="better", delta=0.01):
     avg = lambda xs: sum(xs) / len(xs) if xs else math.nan              # noqa: E731
     return Comparison(a, b, name, kind, delta, [x[0] for x in both], d, mean, low, high,
                       verdict(low, high, kind, delta) if d else "inconclusive",
-                      avg([x[1] for x in both]), avg([x[2] for x in both]))
+                      avg([x[1] for x in both]), avg([x[2] for x in both]), sorted(set(s.seeds) - {x[0] for x in both}))
 
 
 # ----------------------------------------------------------------------------- the command line

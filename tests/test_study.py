@@ -81,6 +81,8 @@ def test_compare_pairs_seeds_and_orients_forgetting_by_hand():
               2: {"avg_accuracy": 0.5, "avg_forgetting": 0.0}}})
     c = compare(s, "a", "b")
     assert c.seeds == [0, 1] and c.differences == pytest.approx([0.2, 0.1]) and c.mean == pytest.approx(0.15)
+    assert c.left_out == [2] and str(c).endswith("(left out, a run failed: seeds 2)")   # never dropped silently
+    assert compare(s, "b", "b").left_out == [] and "left out" not in str(compare(s, "b", "b"))
     f = compare(s, "a", "b", metric="avg_forgetting")           # lower is better: b − a
     assert f.differences == pytest.approx([0.2, -0.1])
     with pytest.raises(UserError, match="not in the study"):
