@@ -7,7 +7,8 @@ test files, then the tests that start a Ray in one process alone.
 
 `python -m pytest` runs the same tests one after another. Most tests are many small torch operations, for which
 a second thread barely helps (2026-12-05: four tiny runs 4.0 s with 2 threads, 4.6 s with 1, on 75 % more CPU),
-so one process keeps about one core busy. To run some files or tests, call pytest on them directly.
+so one process keeps about one core busy. Two processes keep both: the whole suite took 957 s with 2 and 966 s
+with 3 (2026-12-06, idle machine). To run some files or tests, call pytest on them directly.
 
 Ray's node must start within 30 s (fixed in Ray); with other pytest processes busy beside it, it often did not
 (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs with them in parallel; the
