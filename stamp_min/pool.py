@@ -104,8 +104,9 @@ def execute(job):
 
 
 def _warm():
-    """Do once here what every run's first call would do in every worker: the lazy import behind
-    torch's optimisers (torch._dynamo, seconds); forked workers inherit it."""
+    """Do once here, before any run, what a process's first run would do inside its timed part: the
+    lazy import behind torch's optimisers (torch._dynamo, seconds). Forked workers inherit it, and no
+    run's wall_time_s counts it, serial runs' included."""
     w = torch.zeros(1, requires_grad=True)
     w.sum().backward()
     torch.optim.SGD([w], lr=0.1).step()
@@ -200,7 +201,7 @@ def run_all(jobs, workers=1, cache=None, engine="local", address=None, resources
     there = [i for i in todo if i not in set(here)]
     if not todo:
         say(f"  {len(jobs)}/{len(jobs)} runs from the cache")
-    elif there:
+    else:
         _warm()
     pool = multiprocessing.get_context().Pool(min(workers, len(there)), _quiet_worker) if there else None
     try:

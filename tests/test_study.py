@@ -73,6 +73,20 @@ def test_combined_verdicts():
     assert combined(["supported", "inconclusive"]) == "inconclusive" and combined([]) == "inconclusive"
 
 
+def test_no_run_times_torchs_lazy_import_serial_runs_included():
+    # a process's first optimiser imports torch._dynamo (seconds): pool does it before any run starts, so that
+    # no run's wall_time_s includes it, also with workers=1; seen from the data function each run calls first
+    code = ("import sys\nfrom stamp_min import pool\nfrom stamp_min.data import load_dataset\n"
+            "from stamp_min.fcl_loop import Config\nseen = []\n"
+            "def probe(cfg):\n    seen.append('torch._dynamo' in sys.modules)\n    return load_dataset('digits')\n"
+            "cfg = Config(num_clients=2, num_tasks=2, rounds_per_task=1, local_epochs=1, quiet=True, plot=False)\n"
+            "print('before', 'torch._dynamo' in sys.modules)\n"
+            "pool.run_all([pool.Job(cfg, {}, probe)], workers=1, say=lambda *a: None)\nprint('at the run', seen)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split("\n")[:2] == ["before False", "at the run [True]"], p.stdout
+
+
 def test_compare_pairs_seeds_and_orients_forgetting_by_hand():
     s = Study(["a", "b"], [0, 1, 2], [10], {}, {}, {
         "a": {0: {"avg_accuracy": 0.9, "avg_forgetting": 0.1}, 1: {"avg_accuracy": 0.8, "avg_forgetting": 0.2},
