@@ -111,6 +111,13 @@ SLOW = ("test_flower.py::test_loopback_deployment",
 RAY = ("test_study.py::test_ray_cluster_gives_the_local_engines_results",)
 
 
+# A notebook's tests share its kernel (the `notebook` fixture): its smoke run first, then the exercises, then the
+# variations, which run cells again with other settings and leave the kernel so. Whatever the order of the files on
+# the command line (with test_notebooks.py first, 01's exercise 1 was checked against 01 rerun with other settings).
+KERNEL_ORDER = ("test_notebook_runs_in_smoke_mode", "test_exercise", "test_printed_text_follows_the_settings")
+
+
+@pytest.hookimpl(trylast=True)                          # after pytest has grouped the tests by fixture parameter
 def pytest_collection_modifyitems(items):
     for item in items:
         ray = "own_ray" in getattr(item, "fixturenames", ()) or any(name in item.nodeid for name in RAY)
@@ -118,6 +125,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         if ray or any(name in item.nodeid for name in SLOW):
             item.add_marker(pytest.mark.slow)
+    kernel = lambda item: getattr(item, "callspec", None) and item.callspec.params.get("notebook")   # noqa: E731
+    rank = lambda item: next((i for i, n in enumerate(KERNEL_ORDER) if item.originalname == n), len(KERNEL_ORDER))  # noqa: E731
+    i = 0
+    while i < len(items):                               # each run of tests on one kernel: stably, in KERNEL_ORDER
+        j = i + 1
+        while j < len(items) and kernel(items[i]) and kernel(items[j]) == kernel(items[i]):
+            j += 1
+        items[i:j] = sorted(items[i:j], key=rank)
+        i = j
 
 
 @pytest.fixture(scope="module")
