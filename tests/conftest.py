@@ -117,7 +117,6 @@ RAY = ("test_study.py::test_ray_cluster_gives_the_local_engines_results",)
 KERNEL_ORDER = ("test_notebook_runs_in_smoke_mode", "test_exercise", "test_printed_text_follows_the_settings")
 
 
-@pytest.hookimpl(trylast=True)                          # after pytest has grouped the tests by fixture parameter
 def pytest_collection_modifyitems(items):
     for item in items:
         ray = "own_ray" in getattr(item, "fixturenames", ()) or any(name in item.nodeid for name in RAY)
@@ -125,6 +124,10 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         if ray or any(name in item.nodeid for name in SLOW):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):                  # after -m/-k and pytest's grouping by fixture parameter
+    items = session.items
     kernel = lambda item: getattr(item, "callspec", None) and item.callspec.params.get("notebook")   # noqa: E731
     rank = lambda item: next((i for i, n in enumerate(KERNEL_ORDER) if item.originalname == n), len(KERNEL_ORDER))  # noqa: E731
     i = 0
