@@ -288,8 +288,7 @@ def evaluate(s, base):
             a, b = label(arm, setting), label(REFERENCE, setting)
             acc, fg = compare(s, a, b, ACC, "better", DELTA), compare(s, a, b, FORGET, "better", DELTA)
             _, lo, hi = paired_interval(acc.differences, ADJUSTED) if acc.differences else (0, -math.inf, math.inf)
-            both = [x for x in s.seeds if "error" not in s.result(a, x) and "error" not in s.result(b, x)]
-            same = lambda k: all(s.result(a, x)[k] == s.result(b, x)[k] for x in both)            # noqa: E731
+            same = lambda k: all(s.result(a, x)[k] == s.result(b, x)[k] for x in acc.seeds)       # noqa: E731
             parts.append({"arm": arm, "setting": setting, "candidate": arm in CANDIDATES, "a": a, "b": b,
                           **{k: v for k, v in asdict(acc).items() if k not in ("a", "b", "left_out")}, "n": len(acc.seeds),
                           "failed_seeds": acc.left_out,

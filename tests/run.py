@@ -76,9 +76,9 @@ def plan(args, n=2):
     marks = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-m"]
     rest = [a for i, a in enumerate(args) if a != "-m" and (i == 0 or args[i - 1] != "-m")]
     mine = f"({marks[-1]}) and " if marks else ""
-    parts = shares(n, times=DEV_TIMES if "not slow" in mine else TIMES)
-    return [(files, ["-m", mine + "not ray", *rest]) for files in parts], (
-        None if "not slow" in mine else ["-m", mine + "ray", *rest])
+    dev = "not slow" in mine
+    return [(files, ["-m", mine + "not ray", *rest]) for files in shares(n, times=DEV_TIMES if dev else TIMES)], (
+        None if dev else ["-m", mine + "ray", *rest])
 
 
 def outcome(codes):
