@@ -8,7 +8,8 @@ test files, then the tests that start a Ray in one process alone.
 `python -m pytest` runs the same tests one after another. Most tests are many small torch operations, for which
 a second thread barely helps (2026-12-05: four tiny runs 4.0 s with 2 threads, 4.6 s with 1, on 75 % more CPU),
 so one process keeps about one core busy. Two processes keep both: the whole suite took 957 s with 2 and 966 s
-with 3 (2026-12-06, idle machine). To run some files or tests, call pytest on them directly.
+with 3 (2026-12-05's machine, idle). To run some files or tests, call pytest on them directly. The machines differ:
+on 2026-12-06's (idle; "Intel Xeon Processor", 2 cores) the same suite took 566 s, the development tier 97 s.
 
 Ray's node must start within 30 s (fixed in Ray); with other pytest processes busy beside it, it often did not
 (2026-12-05: the Ray cluster test and the hostile simulations failed in 2 of 3 runs with them in parallel; the
@@ -19,6 +20,11 @@ simulation engine, and the Ray cluster test) run last, in one process with the m
 every process runs its files with -m "not ray" (and your -m), then one runs -m "ray" (and your -m) over tests/.
 Every Ray test is also slow, so a -m that says "not slow" skips that second step.
 
+Tried and rejected (2026-12-06, idle machine): the loopback Flower deployment, which mostly waits on the processes
+it starts, in a third process of its own beside the two: 628 s against 566 s. Its Flower processes (SuperLink,
+SuperNodes, each job's apps, each importing torch) use more CPU than its own pytest process shows, and slowed both
+others by about a minute; inside one of the two processes its waiting left the other the machine.
+
 Why plain pytest processes and not pytest-xdist: under xdist's workers, every Flower simulation left Ray's
 helper processes running and the module fixtures (one Ray, one notebook kernel) started once per worker; it
 was slower than serial. Here each share is an ordinary pytest run with its own temporary folder and one torch
@@ -27,7 +33,7 @@ thread, so fixtures and kernels behave as under `python -m pytest`.
 Shares are whole files, and the files of one group in GROUPS always share a process (one kernel per notebook,
 shared by the notebook and exercise tests). They are dealt out longest first, each to the process with the
 least work so far, by the times in TIMES (DEV_TIMES for -m "not slow"): seconds each file's tests but the Ray
-ones took in this runner on the project's idle 2-core machine (2026-12-05, at cff2d84). A file not in them, a new one, counts as
+ones took in this runner on the project's idle 2-core machine (2026-12-06, at 41fc96c). A file not in them, a new one, counts as
 NEW_FILE seconds; every file runs, listed or not.
 """
 import os
@@ -41,14 +47,14 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 GROUPS = (("test_notebooks.py", "test_exercises.py"),)                                # the notebooks' kernels
-TIMES = {"flower": 207, "notebooks": 198, "exercises": 187, "claims": 154, "checkpoint": 111, "beat_replay": 109,
-         "workbench": 108, "faults": 73, "study": 56, "run": 51, "gpu_check": 36, "fcl_loop": 35, "gradmatch": 31,
-         "flora_na": 29, "memory": 24, "clones": 21, "stamp": 8, "hostile": 5, "models": 4, "data": 3, "coreset": 3,
-         "plots": 2, "baselines": 1, "house": 0, "gpu": 0, "docs": 0, "lora": 0, "metrics": 0}
-DEV_TIMES = {"notebooks": 33, "faults": 33, "gradmatch": 31, "fcl_loop": 27, "beat_replay": 25, "memory": 24,
-             "flora_na": 22, "study": 15, "workbench": 15, "claims": 13, "clones": 11, "hostile": 5, "models": 4,
-             "data": 3, "coreset": 3, "plots": 2, "baselines": 1, "run": 0, "exercises": 0, "stamp": 0, "house": 0,
-             "gpu": 0, "docs": 0, "lora": 0, "flower": 0, "metrics": 0, "checkpoint": 0, "gpu_check": 0}
+TIMES = {"notebooks": 158, "flower": 130, "claims": 110, "faults": 47, "workbench": 47, "beat_replay": 46,
+         "checkpoint": 43, "run": 33, "study": 28, "exercises": 27, "gpu_check": 24, "fcl_loop": 23, "memory": 22,
+         "gradmatch": 14, "clones": 14, "flora_na": 10, "stamp": 6, "models": 3, "hostile": 2, "plots": 2, "coreset": 1,
+         "data": 1, "house": 1, "baselines": 1, "lora": 0, "docs": 0, "gpu": 0, "metrics": 0}
+DEV_TIMES = {"faults": 26, "fcl_loop": 18, "memory": 18, "notebooks": 15, "gradmatch": 12, "beat_replay": 12,
+             "claims": 12, "flora_na": 10, "study": 9, "clones": 8, "workbench": 7, "hostile": 2, "models": 2, "data": 2,
+             "coreset": 2, "plots": 1, "baselines": 1, "house": 1, "exercises": 0, "stamp": 0, "lora": 0, "docs": 0,
+             "flower": 0, "gpu": 0, "metrics": 0, "run": 0, "checkpoint": 0, "gpu_check": 0}
 NEW_FILE = 10
 
 
@@ -121,6 +127,8 @@ def main(args):
                         for i, (files, options) in enumerate(first)], []
         try:
             codes = [p.wait() for p in procs]
+            mid = time.time()
+            took = f"{mid - start:.0f} s for the processes at once"
             for i, log in enumerate(logs[1:], 1):
                 log.seek(0)
                 print(f"\n--- process {i + 1} ({', '.join(first[i][0])}) ---\n" + log.read(), flush=True)
@@ -128,6 +136,7 @@ def main(args):
                 print(f"\n--- then alone, the tests that start a Ray ({shlex.join(ray)}) ---", flush=True)
                 procs.append(pytest(len(first), ray, [TESTS], None))
                 codes.append(procs[-1].wait())
+                took += f", then {time.time() - mid:.0f} s for the Ray step"
         except KeyboardInterrupt:
             for p in procs:
                 if p.poll() is None:
@@ -140,7 +149,7 @@ def main(args):
             for log in logs[1:]:
                 log.close()
     code = outcome(codes)
-    print(f"tests/run.py: done in {time.time() - start:.0f} s; exit codes {' '.join(map(str, codes))} "
+    print(f"tests/run.py: done in {time.time() - start:.0f} s ({took}); exit codes {' '.join(map(str, codes))} "
           f"({'all passed' if code == 0 else 'FAILED'})")
     return code
 
