@@ -9,8 +9,9 @@ A job is one experiment: `Job(cfg, rules, data)`, run as `fcl_loop.run(cfg, data
                 <cache>/<key[:2]>/<key>.json, where key = sha256 of what decides the result:
                 the Config's fields (not out, quiet, plot, name), every rule's identity
                 (qualified name, a hash of its code, the values a closure or partial fixes), the
-                data function's identity, the package's code (a hash of stamp_min/*.py, as this
-                process imported it) and torch's version. A job whose key is there is not run again, so an interrupted
+                data function's identity, the package's code (a hash of stamp_min/*.py but study.py
+                and tuning.py, which choose the runs and never run in one, as this process imported
+                it) and torch's version. A job whose key is there is not run again, so an interrupted
                 call, called again, computes only what is missing; Ctrl-C or SIGTERM loses at
                 most the runs in flight.
     same bits   every run uses one thread (torch.set_num_threads(1)) wherever it runs, so N
@@ -52,10 +53,16 @@ class Job:
     data: object = None                              # None, or a function cfg -> data.Dataset
 
 
+NOT_A_RUN = ("study.py", "tuning.py")      # they choose which runs to ask for; a run never imports them (tested)
+
+
 def code_version():
-    """sha256 of the package's source files: a cached run is reused only by the same code."""
+    """sha256 of the package's source files a run may execute (all but NOT_A_RUN): a cached run is
+    reused only by the same code, and a fix to how a study tunes or compares keeps its cached runs."""
     h = hashlib.sha256()
     for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        if f.name in NOT_A_RUN:
+            continue
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 

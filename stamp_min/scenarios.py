@@ -81,7 +81,14 @@ def _permutation(ds, num_clients, num_tasks, cpt, share_samples, seed):
              for t, cl in enumerate(classes[k])] for k in range(num_clients)]
 
 
-def _dirichlet(ds, num_clients, num_tasks, cpt, alpha, min_samples, seed, max_retries=100):
+# Draws of a task's Dirichlet split before giving up. 100 was too few for a split people use: digits with the
+# validation split held out, 5 clients, α 0.1, 2 classes per task failed for tuning seeds 10001, 10003, 10004
+# (and seeds 3, 7, 8, 9); with 1,000 every one builds (0.3 s for all seven). A split found within fewer draws is
+# the same: the draws come from one seeded generator, in order (tests/test_data.py checks both).
+MAX_DRAWS = 1000
+
+
+def _dirichlet(ds, num_clients, num_tasks, cpt, alpha, min_samples, seed, max_retries=MAX_DRAWS):
     rng = np.random.default_rng(seed)
     order = rng.permutation(ds.num_classes)
     tasks = [[None] * num_tasks for _ in range(num_clients)]

@@ -102,8 +102,10 @@ def tune_arms(grids, tune_seeds, metric, job, run, say=print):
         picks[n] = {"values": values, "tuned": bool(g), "at_edge": edge, "grid": g, "runs": runs[n].get(key(values), []),
                     "scores": [[json.loads(p), sum(v) / len(v)] for p, v in scores[n].items()]}
         if g and sum(scores[n][key(values)]) == -math.inf:
-            raise UserError(f"arm {n!r}: every grid point failed on the validation split (diverged); allowed: a grid "
-                            f"of smaller values, e.g. tune={{'lr': [0.001, 0.003, 0.01, 0.03, 0.1]}}")
+            why = next((r["error"] for r in picks[n]["runs"] if "error" in r), "?")
+            raise UserError(f"arm {n!r}: every grid point failed on the validation split on some tuning seed (one "
+                            f"said: {why}); allowed: a grid of smaller values if it diverged, e.g. "
+                            f"tune={{'lr': [0.001, 0.003, 0.01, 0.03, 0.1]}}, else what the error says")
         if edge:
             say(f"study: arm {n!r}: {describe(picks[n])}")
     return picks

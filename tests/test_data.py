@@ -1,14 +1,17 @@
 """data.py: the real loaders on files in their exact formats, and the scenario invariants."""
 
 from collections import Counter
+from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from stamp_min import UserError
+from stamp_min import UserError, scenarios
 from stamp_min.data import _holdout, load_dataset, make_scenario
+from stamp_min.fcl_loop import Config, build
 from conftest import toy_dataset, write_cifar100
 
 
@@ -78,6 +81,25 @@ def test_dirichlet_scenario_shares_the_class_order_and_meets_the_minimum(digits)
         assert len(idx) == int(torch.isin(digits.y_train, torch.tensor(sorted(task_classes))).sum())
         assert min(len(s.tasks[k][t].train_idx) for k in range(3)) >= 10
     assert set(s.tasks[0][0].classes).isdisjoint(s.tasks[1][1].classes)
+
+
+def test_dirichlet_draws_enough_for_the_claims_tuning_split_and_the_same_split_as_before(digits):
+    # the claims bench's tuning setting (validation split held out, 5 clients, α 0.1, cpt 2): with 100 draws seed
+    # 10001 failed; with MAX_DRAWS it builds. And a split that 100 draws found is the same split (one generator).
+    cfg = replace(Config(), dataset="digits", num_clients=5, classes_per_task=2, scenario="dirichlet", alpha=0.1,
+                  seed=10001, validation=True, test_split="per_seed")
+    assert scenarios.MAX_DRAWS == 1000
+    with pytest.raises(UserError, match="after 100 draws"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(scenarios, "_dirichlet", partial(scenarios._dirichlet, max_retries=100))
+            build(cfg)
+    _, s, _ = build(cfg)
+    assert min(len(task.train_idx) for row in s.tasks for task in row) >= 10
+    for seed in range(4):
+        few = scenarios._dirichlet(digits, 5, 5, 2, 0.1, 10, seed, max_retries=100)
+        many = scenarios._dirichlet(digits, 5, 5, 2, 0.1, 10, seed)
+        assert all(torch.equal(a.train_idx, b.train_idx) and a.classes == b.classes
+                   for ra, rb in zip(few, many) for a, b in zip(ra, rb))
 
 
 def test_dirichlet_that_cannot_be_met_is_a_clear_error(digits):

@@ -82,9 +82,12 @@ def test_no_run_times_torchs_lazy_import_serial_runs_included():
             "cfg = Config(num_clients=2, num_tasks=2, rounds_per_task=1, local_epochs=1, quiet=True, plot=False)\n"
             "print('before', 'torch._dynamo' in sys.modules)\n"
             "pool.run_all([pool.Job(cfg, {}, probe)], workers=1, say=lambda *a: None)\nprint('at the run', seen)")
+    code += "\nprint('imported', sorted(m for m in sys.modules if m in ('stamp_min.study', 'stamp_min.tuning')))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split("\n")[:2] == ["before False", "at the run [True]"], p.stdout
+    # the same run never imported the modules the cache key leaves out (pool.NOT_A_RUN): they cannot change it
+    assert p.stdout.split("\n")[2] == "imported []" and pool.NOT_A_RUN == ("study.py", "tuning.py"), p.stdout
 
 
 def test_compare_pairs_seeds_and_orients_forgetting_by_hand():
@@ -149,6 +152,18 @@ def test_a_point_that_failed_on_any_tuning_seed_is_never_picked():
     picks = tune_arms({"a": {"lr": [0.1, 0.2, 0.4]}}, [0, 1], "avg_accuracy", lambda n, p, t: (p["lr"], t), run,
                       say=lambda *a: 0)
     assert picks["a"]["values"] == {"lr": 0.2}
+
+
+def test_a_seed_that_fails_at_every_point_is_an_error_that_quotes_the_run():
+    # the claims run of 2026-12-06 stopped here: a tuning seed whose scenario could not be drawn failed at every lr,
+    # and the message said "diverged"; it now says what the run said (after trying the grid's two extensions)
+    why = "alpha=0.1: after 100 draws some client still had fewer than min_samples=10 images in task 3"
+    def run(batch):
+        return [{"error": why} if job[1] == 1 else {"avg_accuracy": job[0]} for _, job in batch]
+    with pytest.raises(UserError, match=f"arm 'a': every grid point failed .*one said: {why}") as e:
+        tune_arms({"a": {"lr": [0.1, 0.2, 0.4]}}, [0, 1], "avg_accuracy", lambda n, p, t: (p["lr"], t), run,
+                  say=lambda *a: 0)
+    assert "diverged" in str(e.value) and "else what the error says" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- the engine
