@@ -2,7 +2,6 @@
 
 from collections import Counter
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 
 from stamp_min import UserError, scenarios
-from stamp_min.data import _holdout, load_dataset, make_scenario
+from stamp_min.data import _holdout, load_dataset, make_scenario, resplit, validation_split
 from stamp_min.fcl_loop import Config, build
 from conftest import toy_dataset, write_cifar100
 
@@ -89,10 +88,9 @@ def test_dirichlet_draws_enough_for_the_claims_tuning_split_and_the_same_split_a
     cfg = replace(Config(), dataset="digits", num_clients=5, classes_per_task=2, scenario="dirichlet", alpha=0.1,
                   seed=10001, validation=True, test_split="per_seed")
     assert scenarios.MAX_DRAWS == 1000
+    ds = validation_split(resplit(digits, 10001))                  # what build(cfg) splits
     with pytest.raises(UserError, match="after 100 draws"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(scenarios, "_dirichlet", partial(scenarios._dirichlet, max_retries=100))
-            build(cfg)
+        scenarios._dirichlet(ds, 5, 5, 2, 0.1, 10, 10001, max_retries=100)
     _, s, _ = build(cfg)
     assert min(len(task.train_idx) for row in s.tasks for task in row) >= 10
     for seed in range(4):
