@@ -59,3 +59,53 @@ def test_every_arm_of_every_claim_is_registered_with_its_tuning():
     replaying = [k for k, v in claims.ARMS.items() if v.get("method") == "replay" or v.get("client") == "replay"]
     assert replaying and all(claims.ARMS[k]["tune"]["replay_share"] == list(claims.SHARES) for k in replaying)
     assert "TAM + mean × 1.100 · short local training" in claims.ARMS
+
+
+def _rows(text, start):
+    """The rows of the first markdown table after the line that starts with `start`, as lists of cells."""
+    lines = text[text.index(start):].splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith("|"))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_docs_state_the_committed_run():
+    """docs/claims.md's table, the README's headline table and docs/stamp.md's two tables say what the
+    committed bench/results/claims.json says: every verdict, effect and mean ± sd, recomputed here."""
+    import statistics
+    rep = json.loads((ROOT / "bench" / "results" / "claims.json").read_text())
+    sign = lambda x: f"{x:+.3f}".replace("-", "−")                                  # noqa: E731
+    rows = {r[0]: r for r in _rows((ROOT / "docs" / "claims.md").read_text(), "| id | source |")}
+    assert list(rows) == IDS
+    for c in rep["claims"]:
+        _, source, _, effect, verdict_cell = rows[c["id"]]
+        assert (source, verdict_cell) == (c["source"], f"**{c['verdict']}**"), c["id"]
+        if len(c["parts"]) == 1:
+            p = c["parts"][0]
+            assert effect == f"{sign(p['mean'])} [{sign(p['low'])}, {sign(p['high'])}]", c["id"]
+        else:
+            counts = {v: sum(p["verdict"] == v for p in c["parts"]) for v in ("supported", "contradicted", "inconclusive")}
+            said = effect.split(": ")[1].split(", ")
+            assert effect.startswith(f"{len(c['parts'])} comparisons: "), c["id"]
+            assert {s.split()[1]: int(s.split()[0]) for s in said} == {v: k for v, k in counts.items() if k}, c["id"]
+
+    pm = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}"         # noqa: E731
+    table = rep["c1_table"]
+    readme = _rows((ROOT / "README.md").read_text(), "**STAMP against the baselines**")
+    assert len(readme) == 5
+    for method, acc, forget in readme:
+        v = table["cpt 2"][method.split()[0]]
+        assert (acc, forget) == (pm(v["avg_accuracy"]), pm(v["avg_forgetting"])), method
+    stamp_md = (ROOT / "docs" / "stamp.md").read_text()
+    for setting, head in (("cpt 2", "**2 classes/task, 5 tasks**"), ("cpt 5", "**5 classes/task, 2 tasks**")):
+        got = _rows(stamp_md, head)
+        assert [r[0] for r in got] == list(table[setting]), setting
+        for method, picked, acc, forget, bwt, _ in got:
+            v = table[setting][method]
+            values = rep["picks"][f"{method} · {setting}"]["values"]
+            assert picked == ", ".join(f"{k} {x:g}" for k, x in values.items()), (setting, method)
+            assert (acc, forget, bwt) == (pm(v["avg_accuracy"]), pm(v["avg_forgetting"]), pm(v["bwt"])), (setting, method)
