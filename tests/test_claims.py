@@ -109,3 +109,28 @@ def test_the_docs_state_the_committed_run():
             values = rep["picks"][f"{method} · {setting}"]["values"]
             assert picked == ", ".join(f"{k} {x:g}" for k, x in values.items()), (setting, method)
             assert (acc, forget, bwt) == (pm(v["avg_accuracy"]), pm(v["avg_forgetting"]), pm(v["bwt"])), (setting, method)
+
+
+def test_replay_share_bench_counts_the_pooled_buffer_as_the_library_keeps_it(tmp_path):
+    """bench/replay_share.py's pooled share b/(b + n) per task: b counted against the buffer the library's
+    replay clients actually hold (client.new_state's Buffer, filled task by task), n the task's images."""
+    import replay_share
+    from dataclasses import replace
+    from stamp_min import client
+    from stamp_min.fcl_loop import Config, build
+    cfg = replace(Config(), **claims.BUDGET, **claims.SETTINGS["Dirichlet α 0.1"], method="replay", seed=3)
+    ds, scenario, model = build(cfg)
+    want = []
+    states = [client.new_state(k, cfg) for k in range(scenario.num_clients)]
+    for t in range(scenario.num_tasks):
+        shares = []
+        for k, row in enumerate(scenario.tasks):
+            kept = sum(len(y) for _, _, y in states[k].buffer)
+            shares.append(kept / (kept + len(row[t].train_idx)))
+            x = ds.x_train[row[t].train_idx].float() / 255
+            states[k].buffer.add_task(model, x, ds.y_train[row[t].train_idx], row[t].classes)
+        want.append(sum(shares) / len(shares))
+    got = replay_share.pooled_shares(cfg)
+    assert got[0] == 0 and max(abs(a - b) for a, b in zip(got, want)) < 1e-12 and got[-1] > 0.3
+    assert replay_share.main(["--no-train", "--out", str(tmp_path / "r.md")]) == 0
+    assert "| cpt 5 | 0.00, " in (tmp_path / "r.md").read_text()
