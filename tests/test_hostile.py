@@ -406,3 +406,12 @@ def test_each_hostile_reply_on_the_simulation_engine_stops_its_job_in_one_line(e
         assert line.endswith("; the run stops (the operator's bad-replies=stop)"), (name, line)
         assert logged == f"stamp_min: {line}", (name, logged)                  # the one line in the log
         assert after == after_job_0, name                                     # nothing written, nothing damaged
+
+
+def test_a_client_that_diverges_after_server_steps_scaled_by_eta_s_names_eta_s(tmp_path):
+    """The Flower client says what fcl_loop says of the same divergence (fcl_loop.diverged): after server
+    steps scaled by η_s > 1 the cause named is η_s, not the lr (test_faults' diverged-eta-s, over Flower)."""
+    base = replace(BASE, method="stamp", eta_s=100.0, lr=0.5, rounds_per_task=2)
+    with pytest.raises(UserError, match=r"a client failed \(client \d\): eta_s=100\.0: client \d's local training "
+                                        r"diverged \(NaN/inf\) in task 1 round 2, from θ after server steps"):
+        serve(tmp_path, base=base, client_app=make_client_app(base))
