@@ -30,11 +30,12 @@ first, and gives what this library always gave):
     A-GEM  g_ref comes from agem_ref_size images (0: batch_size) drawn at random from the pooled
            buffer at every step (the A-GEM paper draws a fixed-size random subset of memory).
     ER     replay_share 0: the buffer joins the task's images in one pool that is shuffled and cut
-           into batches, so a batch holds the buffer's share of the pool, which grows task by task (one
-           client with a whole 712-image digits task: 7 %; each of 5 clients at cpt 2: 30 % of
-           the second task's pool, 63 % of the fifth; bench/replay_share.py); s in (0, 0.9]: every batch of batch_size current images is joined by
-           round(batch_size·s/(1−s)) buffer images (s = 0.5: as many as current ones, the
-           default of Avalanche's replay loader), so an epoch is still one pass over the task.
+           into batches, so a batch holds the buffer's share of the pool, which grows task by task
+           (one client with a whole 712-image digits task: 7 %; each of 5 clients at cpt 2: 26 %
+           of the second task's pool, 58 % of the fifth; bench/replay_share.py); s in (0, 0.9]:
+           every batch of batch_size current images is joined by round(batch_size·s/(1−s)) buffer
+           images (s = 0.5: as many as current ones, the default of Avalanche's replay loader), so
+           an epoch is still one pass over the task.
 
 The server is FedAvg for all of them. Client state they need (EWC's Fisher and anchor, LwF's old
 model, the ER/A-GEM buffer) lives in `ClientState.extra` / `ClientState.buffer`, on the CPU.

@@ -134,3 +134,21 @@ def test_replay_share_bench_counts_the_pooled_buffer_as_the_library_keeps_it(tmp
     assert got[0] == 0 and max(abs(a - b) for a, b in zip(got, want)) < 1e-12 and got[-1] > 0.3
     assert replay_share.main(["--no-train", "--out", str(tmp_path / "r.md")]) == 0
     assert "| cpt 5 | 0.00, " in (tmp_path / "r.md").read_text()
+
+
+def test_replay_share_bench_says_its_mistakes_before_any_work(tmp_path, capsys):
+    import pytest
+    import replay_share
+    with pytest.raises(SystemExit) as e:
+        replay_share.main(["--help"])                           # its settings' names hold a '%'
+    assert e.value.code == 0 and "--no-train" in capsys.readouterr().out
+    for argv, text in ((["--shares", "0", "0.95"], "--shares 0.95 / --lrs 0.1: replay_share=0.95 is out of range"),
+                       (["--lrs", "0"], "--shares 0 / --lrs 0: lr=0"), (["--settings", "nope"], "'nope' is unknown"),
+                       (["--out", str(tmp_path / "no" / "r.md")], "cannot be written")):
+        with pytest.raises(SystemExit) as e:
+            replay_share.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and text in err and "Traceback" not in err, (argv, err)
+    committed = replay_share.RESULTS.read_text()
+    assert replay_share.main(["--no-train"]) == 0 and replay_share.RESULTS.read_text() == committed
+    assert "wrote" not in capsys.readouterr().out
