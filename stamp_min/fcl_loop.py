@@ -149,6 +149,12 @@ def diverged(cfg, t, r, what, rule=None):
                      f"allowed: a smaller lr or a weaker regulariser")
 
 
+def client_failure(e, cfg, t, r, k, rule=None):
+    """What to raise for client k's UserError e in task t round r (here and on Flower): the library's
+    own divergence line explained by `diverged`, any other error as it is."""
+    return diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)", rule) if " diverged" in str(e) else e
+
+
 def loop(cfg, dataset, fns, names, name):
     """The loop of `run`, with its settings, data and rules checked (fns: rules.bind's)."""
     client_update, end_task, new_state, aggregate = (fns[k] for k in ("client_update", "end_task", "new_state", "aggregate"))
@@ -196,8 +202,7 @@ def loop(cfg, dataset, fns, names, name):
             try:
                 delta, info = client_update(model, theta, clients[k], x, y, task.classes, cfg)
             except UserError as e:                          # the library's own divergence line: say more
-                raise (diverged(cfg, t, r, f"client {k}'s local training diverged (NaN/inf)", names["client_update"] if own_update else None)
-                       if " diverged" in str(e) else e) from None
+                raise client_failure(e, cfg, t, r, k, names["client_update"] if own_update else None) from None
             if task_key(task.classes) not in clients[k].seen:   # the loop records it, whatever the rule does
                 clients[k].seen.append(task_key(task.classes))
             updates.append(delta)

@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from . import UserError, client, gradmatch
 from .client import load_state, memory_bytes, restore, state_dict
 from .data import load_dataset
-from .fcl_loop import Config, build, device_of, diverged
+from .fcl_loop import Config, build, client_failure, device_of
 from .limits import check as check_job, operator_limits, private
 from .rules import bind
 
@@ -269,11 +269,9 @@ def make_client_app(base=Config(), *, client_update=client.client_update, end_ta
         try:
             delta, info = client_update(model, theta, state, x, y, classes, cfg)
         except UserError as e:                  # the same diagnosis as fcl_loop's (η_s > 1, the user's rule, lr)
-            if " diverged" not in str(e):
-                raise
             config = msg.content["config"]
-            raise diverged(cfg, int(config["task"]), int(config["round"]), f"client {k}'s local training diverged "
-                           f"(NaN/inf)", names["client_update"] if own.get("client_update") else None) from None
+            raise client_failure(e, cfg, int(config["task"]), int(config["round"]), k,
+                                 names["client_update"] if own.get("client_update") else None) from None
         metrics, tensors = split_info(info, names["client_update"])
         save_client(context, state, int(msg.content["config"]["done"]) + 1)
         answer = reply(msg, {**metrics, "client": k, "num_examples": len(y)}, delta)

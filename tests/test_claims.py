@@ -140,7 +140,7 @@ def test_replay_share_bench_says_its_mistakes_before_any_work(tmp_path, capsys):
     import pytest
     import replay_share
     with pytest.raises(SystemExit) as e:
-        replay_share.main(["--help"])                           # its settings' names hold a '%'
+        replay_share.main(["--help"])                           # argparse formats help with '%'
     assert e.value.code == 0 and "--no-train" in capsys.readouterr().out
     for argv, text in ((["--shares", "0", "0.95"], "--shares 0.95 / --lrs 0.1: replay_share=0.95 is out of range"),
                        (["--lrs", "0"], "--shares 0 / --lrs 0: lr=0"), (["--settings", "nope"], "'nope' is unknown"),
