@@ -325,13 +325,20 @@ def iv(lo, hi, m=None):
     return (f"{m:+.3f} " if m is not None else "") + f"[{lo:+.3f}, {hi:+.3f}]"
 
 
+def confirmation_minutes(rep):
+    """Minutes of one core that the confirmation runs took, each its own wall time (cached ones included)."""
+    return sum(r[WALL] for runs in rep["study"]["runs"].values() for r in runs.values() if WALL in r) / 60
+
+
 def markdown(rep):
     ev = rep["evaluation"]
     name = lambda arm: f"{arm} {CANDIDATES[arm]['name']}" if arm in CANDIDATES else f"{arm} (reference, no candidate)"  # noqa: E731
     picks = rep["study"]["picks"]
     lines = [f"# Can matching beat replay? ({'QUICK smoke run, not a result' if rep['quick'] else 'full run'})", "",
              f"`{rep['command']}`: {len(rep['study']['seeds'])} paired confirmation seeds {rep['study']['seeds']} (each with "
-             f"its own test split), {rep['wall_time_s'] / 60:.1f} min ({rep['workers']} worker{'s' if rep['workers'] > 1 else ''} at a time). Budget: {rep['budget']}. "
+             f"its own test split); {rep['wall_time_s'] / 60:.1f} min for the process that wrote this report ({rep['workers']} "
+             f"worker{'s' if rep['workers'] > 1 else ''} at a time; the runs it found in its cache not counted), the "
+             f"confirmation runs' own times summing to {confirmation_minutes(rep):.1f} min of one core. Budget: {rep['budget']}. "
              f"Rule (fixed before the run): {RULE}"
              + (" Quick: no tuning, every arm at the middle of each of its grids." if rep["quick"] else ""), "",
              "| candidate | setting | picked | accuracy (A) | replay | A − replay [95 %] | verdict | [adjusted] | "
