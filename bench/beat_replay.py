@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims  # noqa: E402  (its SETTINGS, BUDGET, QUICK, SHARES, DELTA: the claims bench's, literally)
 from stamp_min import baselines, client, fcl_loop, gradmatch, plots  # noqa: E402
 from stamp_min.cli import OneLineParser, run_info, write_json  # noqa: E402
-from stamp_min.coreset import Buffer, task_key  # noqa: E402
+from stamp_min.coreset import Buffer, select_k_center, task_key  # noqa: E402
 from stamp_min.fcl_loop import Config, build  # noqa: E402
 from stamp_min.metrics import paired_interval  # noqa: E402
 from stamp_min.rules import qualname  # noqa: E402
@@ -126,17 +126,9 @@ def tam_variant(model, theta, state, x, y, classes, cfg, replay_current=False, f
     return {**d_cur, **{n: scale * d[n] for n in params}}, info
 
 
-def k_center(features, m, seed=0):
-    """Greedy k-center (Sener & Savarese 2018): (n, D) embeddings of one class -> min(m, n) indices:
-    the image nearest the class mean, then each time the image farthest from every pick. `seed`: unused."""
-    z = features.double()
-    picks = [int((z - z.mean(0)).norm(dim=1).argmin())]
-    dist = (z - z[picks[0]]).norm(dim=1)                             # (n,) distance to the nearest pick
-    while len(picks) < min(m, len(z)):
-        dist[picks[-1]] = -1.0
-        picks.append(int(dist.argmax()))
-        dist = torch.minimum(dist, (z - z[picks[-1]]).norm(dim=1))
-    return torch.tensor(picks, dtype=torch.long)
+# V6's selector, greedy k-center, moved unchanged into the library after the run as coreset.select_k_center (the
+# `replay_kcenter` preset's buffer; as run: git show 84121d8:bench/beat_replay.py)
+k_center = select_k_center
 
 
 def k_center_state(k, cfg):

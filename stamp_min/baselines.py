@@ -9,7 +9,8 @@ every batch); a baseline is one of those, built here:
     FL+EWC    extra  (λ/2)·Σ_i F_i (w_i − w*_i)²               F: diagonal Fisher at the end of each
                                                                 task, w*: the weights then
     FL+LwF    extra  α·T²·KL(p_old^T || p^T) on old classes     distil the previous task's global model
-    FL+ER     data   the current task's images + the buffer    (random selection, same buffer size)
+    FL+ER     data   the current task's images + the buffer    (random selection, same buffer size;
+                                                                replay_kcenter: k-center selection)
     FL+A-GEM  hook   g ← g − (g·g_ref / ||g_ref||²)·g_ref if g·g_ref < 0,  g_ref = gradient on a
                                                                 buffer batch (Chaudhry et al., 2019)
 
@@ -36,6 +37,10 @@ first, and gives what this library always gave):
            every batch of batch_size current images is joined by round(batch_size·s/(1−s)) buffer
            images (s = 0.5: as many as current ones, the default of Avalanche's replay loader), so
            an epoch is still one pass over the task.
+    ER's buffer: "random" (client rule replay) or "k_center" (client rule replay_kcenter: greedy
+           k-center on the end-of-task model's embeddings, coreset.select_k_center, the same m per
+           class; issue 25's pre-registered search found it ahead of random replay at 1 and 2
+           classes per task, docs/claims.md V6).
 
 The server is FedAvg for all of them. Client state they need (EWC's Fisher and anchor, LwF's old
 model, the ER/A-GEM buffer) lives in `ClientState.extra` / `ClientState.buffer`, on the CPU.

@@ -11,12 +11,11 @@ TAM, round r of task t on client k (METHOD §1.3):
     Δ_j   = local_train(start, coreset M_j, MixStyle on) − θ        for each previous task j
     θ_k   = θ + η_t · GM(Δ_0, …, Δ_{t−1}, Δ_cur)                  (client GM settings)
 
-start = θ by default [reading]; `clone_start="current"` starts from θ + Δ_cur and
-`replay="full"` replays all old-task data, as the authors' code does [code]. For task 0 there is
-nothing to match: the update is η_t·Δ_cur (GM of one vector would only rescale it by
-(1+c)/(1+c²)). The old-task clones train one after another (`clone_updates`), or all together
-(`tam_clones="batched"`, clones.py). The coreset is refreshed at the end of each task (`end_task`),
-from the final global model. Old tasks are keyed by their class set (a recurring task is current).
+start = θ by default [reading]; `clone_start="current"` starts from θ + Δ_cur and `replay="full"` replays all
+old-task data, as the authors' code does [code]. For task 0 there is nothing to match: the update is η_t·Δ_cur
+(GM of one vector would only rescale it by (1+c)/(1+c²)). Old-task clones train one after another
+(`clone_updates`) or together (`tam_clones="batched"`, clones.py). The coreset is refreshed at each task's end
+(`end_task`) from the final global model. Old tasks are keyed by their class set (a recurring task is current).
 """
 
 import copy
@@ -34,7 +33,8 @@ from .coreset import Buffer, task_key
 from .metrics import tensor_bytes
 from .mixstyle import MixStyle, mixstyle
 
-CLIENT_RULES = ("sgd", "fedprox", "ewc", "lwf", "replay", "agem", "tam")   # cfg.client_rule (config.py)
+CLIENT_RULES = ("sgd", "fedprox", "ewc", "lwf", "replay", "replay_kcenter", "agem", "tam")   # cfg.client_rule (config.py)
+REPLAY_BUFFERS = {"replay": "random", "replay_kcenter": "k_center", "agem": "random"}   # rules that keep a buffer: its selector
 
 
 @dataclass
@@ -53,10 +53,10 @@ def client_seed(seed, k):      # client k's random stream: distinct for every (s
 
 
 def buffer_rule(cfg):
-    """How a client rule fills its buffer: TAM's coreset rule, random for ER / A-GEM, None: no buffer."""
+    """How a client rule fills its buffer: TAM's coreset rule, REPLAY_BUFFERS' for ER / A-GEM, None: no buffer."""
     if cfg.client_rule == "tam":
         return cfg.coreset_rule
-    return "random" if cfg.client_rule in ("replay", "agem") else None
+    return REPLAY_BUFFERS.get(cfg.client_rule)
 
 
 def new_state(k, cfg):
@@ -271,7 +271,7 @@ def client_update(model, theta, state, x, y, classes, cfg, match=gradmatch.match
         old_classes = {c for k in state.seen if k != key for c in k}
         distil = baselines.lwf_loss(old_model.eval(), old_classes, cfg.lwf_alpha, cfg.lwf_temperature, cfg.lwf_t2)
         extras += [distil] if distil is not None else []
-    elif rule in ("replay", "agem") and len(state.buffer):
+    elif rule in REPLAY_BUFFERS and len(state.buffer):
         bx = torch.cat([xm for _, xm, _ in state.buffer])                    # the buffer lives on the CPU
         by = torch.cat([ym for _, _, ym in state.buffer])
         if rule == "agem":

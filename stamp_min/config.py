@@ -3,7 +3,8 @@
 A method is two independent rules (METHOD §1.3, §1.4, §1.7):
 
     client rule   how client k turns the global model θ into its update Δ_k (client.py):
-                  sgd (plain local SGD) | fedprox | ewc | lwf | replay | agem (baselines.py) | tam (TAM)
+                  sgd (plain local SGD) | fedprox | ewc | lwf | replay | replay_kcenter | agem (baselines.py)
+                  | tam (TAM)
     server rule   how the server turns {Δ_k} into a step (server.py): mean (FedAvg) | gm (SAM)
 
 `--method` names a pair from PRESETS, the only list of method names in the library; `--client`
@@ -33,6 +34,7 @@ from .server import SERVER_OPTS, SERVER_RULES
 PRESETS = {                      # method -> (client rule, server rule)
     "fedavg": ("sgd", "mean"), "fedprox": ("fedprox", "mean"), "ewc": ("ewc", "mean"), "lwf": ("lwf", "mean"),
     "replay": ("replay", "mean"), "agem": ("agem", "mean"),
+    "replay_kcenter": ("replay_kcenter", "mean"),   # replay whose buffer covers each class (k-center): issue 25's winner
     "stamp": ("tam", "gm"),          # STAMP: temporal matching on the clients, spatial matching on the server
     "stamp_tam": ("tam", "mean"),    # ablation: TAM alone
     "stamp_sam": ("sgd", "gm"),      # ablation: SAM alone
@@ -89,7 +91,7 @@ class Config:
     method: str = "fedavg"
     """a preset pair of rules: client rule + server rule (empty: give both --client and --server)"""
     client: str = ""
-    """client rule, overriding the method's: sgd | fedprox | ewc | lwf | replay | agem | tam (empty = the method's)"""
+    """client rule, overriding the method's: sgd | fedprox | ewc | lwf | replay | replay_kcenter | agem | tam (empty = the method's)"""
     server: str = ""
     """server rule, overriding the method's: mean (FedAvg) | gm (spatial matching, SAM) (empty = the method's)"""
     name: str = ""
@@ -107,9 +109,9 @@ class Config:
     participation: float = 1.0
     """fraction of clients taking part in each round (at least one), drawn with the seed"""
     buffer_per_class: int = 10
-    """coreset / replay buffer: images kept per class (client rules tam, replay, agem)"""
+    """coreset / replay buffer: images kept per class (client rules tam, replay, replay_kcenter, agem)"""
     coreset_rule: str = "prototypical"
-    """how TAM's coreset picks images: prototypical (herding) | random | nearest | prototypical_l2 (herding on L2-normalised embeddings, as iCaRL)"""
+    """how TAM's coreset picks images: prototypical (herding) | random | nearest | prototypical_l2 (herding on L2-normalised embeddings, as iCaRL) | k_center (picks that cover the class)"""
     mixstyle: bool = True
     """MixStyle on while replaying the coreset in TAM"""
     gm_c: float = 0.25

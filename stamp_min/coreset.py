@@ -6,9 +6,10 @@ METHOD §1.3) needs an update Δ_j for every previous task j. The pieces:
 
 - `prototypes`: the prototype p_c of class c is the mean embedding z = f(x) of its images,
   f = `model.features` (the model minus its last linear layer).
-- Selection of m images of one class, three rules with one signature, (n, D) -> (m,) indices:
+- Selection of m images of one class, rules with one signature, (n, D) -> (m,) indices:
   `select_prototypical` (greedy herding, iCaRL: each pick makes the mean of the picked
-  embeddings closest to p_c), `select_nearest` (the m closest to p_c), `select_random`.
+  embeddings closest to p_c), `select_nearest` (the m closest to p_c), `select_random`,
+  `select_k_center` (picks that cover the class: each the farthest from those before).
 - `Buffer`: the bounded store, m raw images per class, filled at the end of a task, keyed by the
   task's class set (a recurring task is stored once), iterated per past task during TAM.
 - `MixStyle` + the `mixstyle(model, ...)` context manager (mixstyle.py, re-exported here): mixes
@@ -95,8 +96,23 @@ def select_prototypical_l2(features, m, seed=0):
     return select_prototypical(torch.nn.functional.normalize(features.double(), dim=1), m, seed)
 
 
-SELECTORS = {"prototypical": select_prototypical, "random": select_random,
-             "nearest": select_nearest, "prototypical_l2": select_prototypical_l2}
+def select_k_center(features, m, seed=0):
+    """Greedy k-center (Gonzalez 1985; as a coreset, Sener & Savarese 2018): the image nearest the
+    class prototype, then each time the image farthest from every pick, so that the picks cover the
+    class: (n, D) -> (min(m, n),) indices in pick order. Ties: lowest index. `seed` is unused.
+    The buffer of the `replay_kcenter` preset (issue 25's search: it beat random replay, docs/claims.md V6)."""
+    z = features.double()                                 # (n, D)
+    picks = [int((z - z.mean(0)).norm(dim=1).argmin())]
+    dist = (z - z[picks[0]]).norm(dim=1)                  # (n,) distance to the nearest pick
+    while len(picks) < min(m, len(z)):
+        dist[picks[-1]] = -1.0                            # a pick is never picked again
+        picks.append(int(dist.argmax()))
+        dist = torch.minimum(dist, (z - z[picks[-1]]).norm(dim=1))
+    return torch.tensor(picks, dtype=torch.long)
+
+
+SELECTORS = {"prototypical": select_prototypical, "random": select_random, "nearest": select_nearest,
+             "prototypical_l2": select_prototypical_l2, "k_center": select_k_center}
 
 # ---------------------------------------------------------------------------------------------
 # the buffer

@@ -1,6 +1,6 @@
 """bench/beat_replay.py, the pre-registered search for a variant that beats replay: its client rule
-against the library's TAM and replay (bit for bit, and a closed form at c = 0), the k-center selector
-on points a reader can check by hand, the decision rule on made-up intervals, what was fixed in
+against the library's TAM and replay (bit for bit, and a closed form at c = 0), the winner's preset
+(replay_kcenter) against the searched arm bit for bit, the decision rule on made-up intervals, what was fixed in
 advance, and a --quick run end to end."""
 
 import json
@@ -79,12 +79,36 @@ def test_full_length_keeps_tams_direction_at_the_current_updates_length():
     assert math.isclose(float(g @ t) / float(g.norm() * t.norm()), 1.0, rel_tol=1e-6)
 
 
-def test_k_center_on_points_on_a_line():
-    # 0, 1, 2, 10: mean 3.25, nearest 2 (index 2); farthest from it 10 (index 3); then 0 (2 away) beats 1 (1 away)
-    z = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
-    assert bench.k_center(z, 2).tolist() == [2, 3]
-    assert bench.k_center(z, 3).tolist() == [2, 3, 0]
-    assert sorted(bench.k_center(z, 10).tolist()) == [0, 1, 2, 3]     # never more than the class holds
+def test_the_replay_kcenter_preset_is_the_searched_v6_bit_for_bit():
+    """V6 won the search (bench/results/beat_replay.md), so it became the library's preset `replay_kcenter`: a
+    run of it gives, bit for bit, what the bench's V6 arm gives (replay with `new_state=k_center_state`), also
+    where a client holds fewer images of a class than m (Dirichlet skew, m = 30); its buffer survives a client
+    state's round trip (checkpoints, Flower) by the selector's name."""
+    from stamp_min.coreset import embed, select_k_center
+    from stamp_min.fcl_loop import run
+    cfg = Config(num_clients=3, num_tasks=2, rounds_per_task=1, local_epochs=1, scenario="dirichlet", alpha=0.1,
+                 buffer_per_class=30, quiet=True, plot=False, seed=5)
+    preset = run(replace(cfg, method="replay_kcenter"))
+    v6 = run(replace(cfg, method="replay"), new_state=bench.k_center_state)
+    random_buffer = run(replace(cfg, method="replay"))
+    same = lambda a, b: repr(a["acc_matrix"]) == repr(b["acc_matrix"])          # noqa: E731  (nan: a task with no test image)
+    assert same(preset, v6) and [r["loss"] for r in preset["rounds"]] == [r["loss"] for r in v6["rounds"]]
+    assert preset["buffer_bytes"] == v6["buffer_bytes"] > 0 and preset["name"] == "replay_kcenter"
+    assert not same(preset, random_buffer)                                    # the buffer is another one
+    c = replace(cfg, method="replay_kcenter")
+    ds, sc, model = build(c)
+    task = sc.tasks[0][0]
+    state = client.new_state(0, c)
+    x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
+    client.end_task(model, client.float_state(model), state, x, y, task.classes, c)
+    z, keys = embed(model, x), [int(c) for c in sorted(task.classes)]          # what add_task selects on
+    want = torch.cat([(y == c).nonzero().squeeze(1)[select_k_center(z[y == c], 30)] for c in keys if (y == c).any()])
+    (_, bx, by), = state.buffer
+    assert torch.equal(bx, x[want]) and torch.equal(by, y[want])
+    saved = client.state_dict(state)
+    assert saved["buffer"]["rule"] == "k_center" and state.buffer.select is select_k_center
+    back = client.restore(client.new_state(0, c), saved)
+    assert [(k, a.tolist(), b.tolist()) for k, a, b in back.buffer] == [(k, a.tolist(), b.tolist()) for k, a, b in state.buffer]
 
 
 # ----------------------------------------------------------------------------- the decision rule

@@ -111,6 +111,37 @@ def test_the_docs_state_the_committed_run():
             assert (acc, forget, bwt) == (pm(v["avg_accuracy"]), pm(v["avg_forgetting"]), pm(v["bwt"])), (setting, method)
 
 
+def test_the_docs_state_the_committed_search():
+    """docs/claims.md's V table and the README's paragraph say what bench/results/beat_replay.json says: every
+    candidate − replay interval recomputed here from the runs themselves (paired by seed, metrics.paired_interval),
+    every decision by the pre-registered rule (beat_replay.decide) on those intervals."""
+    import beat_replay
+    from stamp_min.metrics import paired_interval
+    rep = json.loads((ROOT / "bench" / "results" / "beat_replay.json").read_text())
+    runs, seeds = rep["study"]["runs"], [str(x) for x in rep["study"]["seeds"]]
+    assert not rep["quick"] and len(seeds) == 10
+    sign = lambda x: f"{x:+.3f}".replace("-", "−")                                  # noqa: E731
+    cell = lambda m, lo, hi: f"{sign(m)} [{sign(lo)}, {sign(hi)}]"                 # noqa: E731
+    rows = _rows((ROOT / "docs" / "claims.md").read_text(), "| row | candidate | cpt 2 |")
+    assert [r[0] for r in rows] == list(beat_replay.CANDIDATES)
+    said = {}
+    for cid, _, *cells, decision in rows:
+        parts = []
+        for setting, got in zip(beat_replay.SETTINGS, cells):
+            a, b = runs[f"{cid} · {setting}"], runs[f"replay · {setting}"]
+            paired = [x for x in seeds if "error" not in a[x] and "error" not in b[x]]
+            d = [a[x]["avg_accuracy"] - b[x]["avg_accuracy"] for x in paired]
+            m, lo, hi = paired_interval(d, 0.95)
+            assert got == cell(m, lo, hi), (cid, setting)
+            parts.append({"low": lo, "high": hi, "n": len(paired)})
+            said[cid, setting] = got
+        assert decision == f"**{beat_replay.decide(parts, len(seeds))}**", cid
+        assert rep["evaluation"]["decisions"][cid]["primary"] == beat_replay.decide(parts, len(seeds))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for cid, setting in (("V6", "cpt 2"), ("V6", "cpt 1"), ("V4", "cpt 2")):
+        assert said[cid, setting].replace("−", "-") in readme.replace("−", "-"), (cid, setting)
+
+
 def test_replay_share_bench_counts_the_pooled_buffer_as_the_library_keeps_it(tmp_path):
     """bench/replay_share.py's pooled share b/(b + n) per task: b counted against the buffer the library's
     replay clients actually hold (client.new_state's Buffer, filled task by task), n the task's images."""

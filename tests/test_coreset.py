@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from stamp_min import UserError
 from stamp_min.coreset import (SELECTORS, Buffer, MixStyle, embed, mixstyle, prototypes,
-                               select_nearest, select_prototypical, select_prototypical_l2, select_random,
+                               select_k_center, select_nearest, select_prototypical, select_prototypical_l2, select_random,
                                task_key)
 from stamp_min.models import build_model
 
@@ -107,11 +107,29 @@ def test_nearest_and_random_against_references():
     assert len(set(a.tolist())) == 10 and 0 <= a.min() and a.max() < 30
 
 
+def test_k_center_against_its_definition():
+    """Greedy k-center from its definition, written independently: the first pick is the point nearest the
+    mean; each next pick maximises, over the points not picked, the distance to the nearest pick (lowest index
+    on ties). On points on a line by hand, then on random points against the brute-force loop."""
+    z = torch.tensor([[0.0], [1.0], [2.0], [10.0]])    # mean 3.25: 2 first; 10 is farthest; then 0 (2 away) before 1
+    assert select_k_center(z, 3).tolist() == [2, 3, 0] and select_k_center(z, 1).tolist() == [2]
+    z = torch.randn(40, 7, generator=torch.Generator().manual_seed(2)).double()
+    centre = (z - z.mean(0)).norm(dim=1)
+    picks = [min(range(40), key=lambda i: (centre[i].item(), i))]
+    while len(picks) < 12:
+        far = lambda i: min((z[i] - z[j]).norm().item() for j in picks)     # noqa: E731
+        picks.append(max((i for i in range(40) if i not in picks), key=lambda i: (far(i), -i)))
+    assert select_k_center(z, 12).tolist() == picks
+    covered = lambda idx: max(min((z[i] - z[j]).norm().item() for j in idx) for i in range(40))   # noqa: E731
+    assert covered(picks) < covered(list(range(12)))     # it covers the class better than the first 12 images
+
+
 @pytest.mark.parametrize("rule", list(SELECTORS))
 def test_one_signature_and_m_at_least_n_gives_all(rule):
     z = torch.randn(6, 3)
-    for m in (6, 10):
-        assert SELECTORS[rule](z, m, seed=0).tolist() == list(range(6))
+    for m in (6, 10):      # every image; k_center keeps its pick order (as issue 25's search ran it), the rest index order
+        got = SELECTORS[rule](z, m, seed=0).tolist()
+        assert (sorted(got) if rule == "k_center" else got) == list(range(6))
     idx = SELECTORS[rule](z, 4, seed=0)
     assert idx.dtype == torch.long and idx.shape == (4,) and len(set(idx.tolist())) == 4
 
