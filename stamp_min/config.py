@@ -91,7 +91,8 @@ class Config:
     method: str = "fedavg"
     """a preset pair of rules: client rule + server rule (empty: give both --client and --server)"""
     client: str = ""
-    """client rule, overriding the method's: sgd | fedprox | ewc | lwf | replay | replay_kcenter | agem | tam (empty = the method's)"""
+    """client rule, overriding the method's: sgd | fedprox | ewc | lwf | replay | replay_kcenter (replay, its buffer picked by
+    k-center) | agem | tam (empty = the method's)"""
     server: str = ""
     """server rule, overriding the method's: mean (FedAvg) | gm (spatial matching, SAM) (empty = the method's)"""
     name: str = ""
@@ -111,7 +112,9 @@ class Config:
     buffer_per_class: int = 10
     """coreset / replay buffer: images kept per class (client rules tam, replay, replay_kcenter, agem)"""
     coreset_rule: str = "prototypical"
-    """how TAM's coreset picks images: prototypical (herding) | random | nearest | prototypical_l2 (herding on L2-normalised embeddings, as iCaRL) | k_center (picks that cover the class)"""
+    """how TAM's coreset picks images (client rule tam only; replay with a k-center buffer is method replay_kcenter):
+    prototypical (herding) | random | nearest | prototypical_l2 (herding on L2-normalised embeddings, as iCaRL) |
+    k_center (each pick the image farthest from its nearest earlier pick: the picks cover the class)"""
     mixstyle: bool = True
     """MixStyle on while replaying the coreset in TAM"""
     gm_c: float = 0.25
@@ -162,7 +165,7 @@ class Config:
     agem_ref_size: int = 0
     """images of A-GEM's reference batch, drawn from the pooled buffer at every step (0 = batch_size)"""
     replay_share: float = 0.0
-    """replay: 0 = the buffer joins the task's images in one shuffled pool; s in (0, 0.9] = every batch of batch_size
+    """replay, replay_kcenter: 0 = the buffer joins the task's images in one shuffled pool; s in (0, 0.9] = every batch of batch_size
     current images gets round(batch_size·s/(1−s)) buffer images (0.5: as many as current ones, Avalanche's default)"""
     validation: bool = False
     """evaluate on a validation split held out of the training images instead of the test split (for tuning)"""
@@ -238,5 +241,9 @@ class Config:
         if self.tam_clones == "batched" and self.model == "swin_t":
             raise UserError("tam_clones='batched' cannot reproduce swin_t's stochastic depth (random draws inside the "
                             "model); allowed: tam_clones='loop' with swin_t")
+        if self.coreset_rule != "prototypical" and self.client_rule != "tam":
+            raise UserError(f"coreset_rule={self.coreset_rule!r} is TAM's coreset rule; client rule {self.client_rule} does not use "
+                            f"it; allowed: coreset_rule with client rule tam (stamp, stamp_tam); replay with a k-center "
+                            f"buffer is method replay_kcenter")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("device='cuda' but CUDA is not available here; allowed: auto, cpu")

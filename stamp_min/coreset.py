@@ -98,10 +98,13 @@ def select_prototypical_l2(features, m, seed=0):
 
 def select_k_center(features, m, seed=0):
     """Greedy k-center (Gonzalez 1985; as a coreset, Sener & Savarese 2018): the image nearest the
-    class prototype, then each time the image farthest from every pick, so that the picks cover the
-    class: (n, D) -> (min(m, n),) indices in pick order. Ties: lowest index. `seed` is unused.
-    The buffer of the `replay_kcenter` preset (issue 25's search: it beat random replay, docs/claims.md V6)."""
+    class prototype, then each time the image whose distance to its nearest pick is largest, so that
+    the picks cover the class: (n, D) -> (min(m, n),) indices in pick order, also when m >= n (the
+    order the search ran; it changes how a pooled buffer is shuffled). Ties: lowest index. `seed` is
+    unused. The buffer of the `replay_kcenter` preset (issue 25's search, docs/claims.md V6)."""
     z = features.double()                                 # (n, D)
+    if len(z) == 0:
+        return torch.zeros(0, dtype=torch.long)
     picks = [int((z - z.mean(0)).norm(dim=1).argmin())]
     dist = (z - z[picks[0]]).norm(dim=1)                  # (n,) distance to the nearest pick
     while len(picks) < min(m, len(z)):

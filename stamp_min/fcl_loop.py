@@ -99,12 +99,13 @@ def round_log(t, r, ids, infos, weights, G, p_updates, p_step, client_seconds, a
 def results(cfg, scenario, acc, round_acc, log, comm, buffer_bytes, wall_time_s, peak_gpu_memory_bytes=None, *,
             name=None, rules=None, server_state=None):
     """The results dict (what the CLI writes to JSON). name: the run's name (default `cfg.label`);
-    rules: {keyword: qualified name} of the functions that ran (default: the library's);
+    rules: {keyword: qualified name} of the functions that ran (default: the library's); buffer_rule: how the
+    library's client state picks its buffer (client.buffer_rule; a `new_state` of yours may choose otherwise);
     server_state: the ServerState at the end (recorded as server.summary: what it holds, not the tensors)."""
     return {"name": name or cfg.label, "rules": rules or {k: qualname(v) for k, v in DEFAULTS.items()},
             "config": asdict(cfg), "acc_matrix": acc.tolist(), **summary(acc),
             "current_task_accuracy": current_task_accuracy(round_acc), "comm_bytes": comm,
-            "buffer_bytes": buffer_bytes, "wall_time_s": wall_time_s, "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
+            "buffer_bytes": buffer_bytes, "buffer_rule": client.buffer_rule(cfg), "wall_time_s": wall_time_s, "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
             "rounds": log, "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
             "server_state": None if server_state is None else server.summary(server_state), "versions": run_info()}
 

@@ -94,8 +94,8 @@ class Study:
             lines.append(f"| {arm} | {describe(self.picks[arm])} | " + " | ".join(cells) + f" | {ok}/{len(self.seeds)} |")
         note = ("test split drawn afresh for every seed" if self.base.get("test_split") == "per_seed"
                 else "one fixed test split: the intervals cover seed-to-seed variation only")
-        return "\n".join(lines) + f"\n\nmean [95 % interval] over seeds; {note}; tuned on the validation split, " \
-                                  f"seeds {self.tune_seeds}."
+        tuned = any(p.get("tuned") for p in self.picks.values()) and f"tuned on the validation split, seeds {self.tune_seeds}"
+        return "\n".join(lines) + f"\n\nmean [95 % interval] over seeds; {note}; {tuned or 'nothing tuned'}."
 
     _repr_markdown_ = table
 

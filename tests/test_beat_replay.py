@@ -94,6 +94,7 @@ def test_the_replay_kcenter_preset_is_the_searched_v6_bit_for_bit():
     same = lambda a, b: repr(a["acc_matrix"]) == repr(b["acc_matrix"])          # noqa: E731  (nan: a task with no test image)
     assert same(preset, v6) and [r["loss"] for r in preset["rounds"]] == [r["loss"] for r in v6["rounds"]]
     assert preset["buffer_bytes"] == v6["buffer_bytes"] > 0 and preset["name"] == "replay_kcenter"
+    assert (preset["buffer_rule"], random_buffer["buffer_rule"]) == ("k_center", "random")    # what the results record
     assert not same(preset, random_buffer)                                    # the buffer is another one
     c = replace(cfg, method="replay_kcenter")
     ds, sc, model = build(c)

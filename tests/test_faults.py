@@ -86,6 +86,7 @@ FCL = [
     ("eta-inf", ["--eta-s", "inf"], None, "eta_s=inf"),
     ("method-unknown", ["--method", "magic"], None, "method='magic'"),
     ("server-unknown", ["--client", "tam", "--server", "nope"], None, "server='nope'"),
+    ("coreset-rule-not-used", ["--method", "replay", "--coreset-rule", "k_center"], None, "method replay_kcenter"),
     ("name-path", ["--name", "../escape"], None, "name='../escape'"),
     ("out-is-folder", ["--out", "{tmp}/folder"], lambda t: (t / "folder").mkdir(), "is a folder"),
     ("out-unwritable", ["--out", "/proc/forbidden/r.json"], None, "out='/proc/forbidden/r.json'"),

@@ -193,6 +193,7 @@ def test_parallel_equals_serial_and_a_cache_hit_recomputes_nothing(tmp_path):
     parallel = study(ARMS, workers=2, cache=tmp_path / "b", **kw)
     same_runs(serial, parallel)
     assert serial.picks["replay"]["values"] == parallel.picks["replay"]["values"]
+    assert serial.table().endswith("tuned on the validation split, seeds [7].")
     arms = {"fedavg": dict(method="fedavg", data=counted)}     # counts every run it is asked to compute
     CALLS.clear()
     STOP[0] = None
@@ -226,6 +227,7 @@ def test_a_studys_run_keeps_the_round_cosines_and_prints_with_report():
     s = study({"tam": dict(method="stamp_tam", data=toy)}, seeds=[0], base=BASE, tune=False, quiet=True, cache=None)
     r = s.result("tam", 0)
     assert r["acc_matrix"][0][1] is None and all(set(ROUND) <= set(e) for e in r["rounds"])
+    assert s.table().endswith("; nothing tuned.")                  # no tuning seeds named where nothing was tuned
     assert r["rounds"][-1]["task"] == 1 and -1 <= r["rounds"][-1]["temporal_agreement"] <= 1   # task 1: two task updates
     assert report(r).splitlines()[1].split() == [f"{r['acc_matrix'][0][0]:.3f}", "."]
 
