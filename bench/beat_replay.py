@@ -333,14 +333,18 @@ def markdown(rep):
              f"confirmation runs' own times summing to {confirmation_minutes(rep):.1f} min of one core. Budget: {rep['budget']}. "
              f"Rule (fixed before the run): {RULE}"
              + (" Quick: no tuning, every arm at the middle of each of its grids." if rep["quick"] else ""), "",
-             "| candidate | setting | picked | accuracy (A) | replay | A − replay [95 %] | verdict | [adjusted] | "
-             "forgetting, replay − A [95 %] | wall × replay | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| candidate | setting | picked (replay's: under the table) | accuracy (A) | replay (same seeds) | A − replay [95 %] (> 0: A "
+             f"better) | verdict (±δ = {DELTA:g}) | [adjusted, {ADJUSTED:.2%}] | forgetting, replay − A [95 %] (> 0: A forgets less) "
+             "| wall × replay | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in ev["parts"]:
         fg = p["forgetting"]
         lines.append(f"| {name(p['arm'])} | {p['setting']} | {describe(picks[p['a']])} | {p['a_mean']:.3f} | "
                      f"{p['b_mean']:.3f} | {iv(p['low'], p['high'], p['mean'])} | {p['verdict']} | "
                      f"{iv(p['adjusted_low'], p['adjusted_high'])} | {iv(fg['low'], fg['high'], fg['mean'])} | "
                      f"{p['wall_ratio']:.2f} | {p['n']}/{len(rep['study']['seeds'])} |")
+    settings = list(dict.fromkeys(p["setting"] for p in ev["parts"]))
+    lines += ["", "Replay's picks (the reference, tuned alike): " + "; ".join(
+        f"{x}: {describe(picks[label(REFERENCE, x)])}" for x in settings) + "."]
     lines += ["", f"**Decisions** (95 % decides; adjusted: level {ADJUSTED:.4f}, {FAMILY} comparisons):", "",
               "| candidate | matching variant | decision (95 %) | adjusted reading | server memory |", "|---|---|---|---|---|"]
     for cid, d in ev["decisions"].items():
