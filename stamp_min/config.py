@@ -241,7 +241,7 @@ class Config:
         if self.tam_clones == "batched" and self.model == "swin_t":
             raise UserError("tam_clones='batched' cannot reproduce swin_t's stochastic depth (random draws inside the "
                             "model); allowed: tam_clones='loop' with swin_t")
-        if self.coreset_rule != "prototypical" and self.client_rule != "tam":
+        if self.coreset_rule != Config.coreset_rule and self.client_rule != "tam":          # set, but nothing reads it
             raise UserError(f"coreset_rule={self.coreset_rule!r} is TAM's coreset rule; client rule {self.client_rule} does not use "
                             f"it; allowed: coreset_rule with client rule tam (stamp, stamp_tam); replay with a k-center "
                             f"buffer is method replay_kcenter")

@@ -105,7 +105,8 @@ def results(cfg, scenario, acc, round_acc, log, comm, buffer_bytes, wall_time_s,
     return {"name": name or cfg.label, "rules": rules or {k: qualname(v) for k, v in DEFAULTS.items()},
             "config": asdict(cfg), "acc_matrix": acc.tolist(), **summary(acc),
             "current_task_accuracy": current_task_accuracy(round_acc), "comm_bytes": comm,
-            "buffer_bytes": buffer_bytes, "buffer_rule": client.buffer_rule(cfg), "wall_time_s": wall_time_s, "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
+            "buffer_bytes": buffer_bytes, "buffer_rule": client.buffer_rule(cfg), "wall_time_s": wall_time_s,
+            "peak_gpu_memory_bytes": peak_gpu_memory_bytes,
             "rounds": log, "scenario": [[list(task.classes) for task in row] for row in scenario.tasks],
             "server_state": None if server_state is None else server.summary(server_state), "versions": run_info()}
 

@@ -96,19 +96,19 @@ def test_the_replay_kcenter_preset_is_the_searched_v6_bit_for_bit():
     assert preset["buffer_bytes"] == v6["buffer_bytes"] > 0 and preset["name"] == "replay_kcenter"
     assert (preset["buffer_rule"], random_buffer["buffer_rule"]) == ("k_center", "random")    # what the results record
     assert not same(preset, random_buffer)                                    # the buffer is another one
-    c = replace(cfg, method="replay_kcenter")
-    ds, sc, model = build(c)
+    kc = replace(cfg, method="replay_kcenter")
+    ds, sc, model = build(kc)
     task = sc.tasks[0][0]
-    state = client.new_state(0, c)
+    state = client.new_state(0, kc)
     x, y = ds.x_train[task.train_idx], ds.y_train[task.train_idx]
-    client.end_task(model, client.float_state(model), state, x, y, task.classes, c)
+    client.end_task(model, client.float_state(model), state, x, y, task.classes, kc)
     z, keys = embed(model, x), [int(c) for c in sorted(task.classes)]          # what add_task selects on
     want = torch.cat([(y == c).nonzero().squeeze(1)[select_k_center(z[y == c], 30)] for c in keys if (y == c).any()])
     (_, bx, by), = state.buffer
     assert torch.equal(bx, x[want]) and torch.equal(by, y[want])
     saved = client.state_dict(state)
     assert saved["buffer"]["rule"] == "k_center" and state.buffer.select is select_k_center
-    back = client.restore(client.new_state(0, c), saved)
+    back = client.restore(client.new_state(0, kc), saved)
     assert [(k, a.tolist(), b.tolist()) for k, a, b in back.buffer] == [(k, a.tolist(), b.tolist()) for k, a, b in state.buffer]
 
 
